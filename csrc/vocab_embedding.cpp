@@ -1,0 +1,77 @@
+// CPU kernels for the vocab-range embedding lookup used by megatron_adapt.kernels.embedding.
+//
+// A tensor-parallel rank owns rows [start, start + rows) of the vocabulary. Forward writes the
+// row of each id it owns and zeros for the others (the TP all-reduce then sums the ranks);
+// backward adds each token's output gradient into the row of its id. Backward is split over
+// hidden-dimension blocks, not tokens, so threads never write the same element and the sums are
+// taken in token order: the result is deterministic and independent of the thread count.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+
+namespace py = pybind11;
+using Ids = py::array_t<int64_t, py::array::c_style>;
+using Matrix = py::array_t<float, py::array::c_style>;
+
+namespace {
+
+void check_matrix(const Matrix& m, const char* name, int64_t rows, int64_t cols) {
+  if (m.ndim() != 2 || m.shape(0) != rows || m.shape(1) != cols) {
+    throw std::invalid_argument(std::string(name) + " has the wrong shape");
+  }
+}
+
+void forward(const Ids& ids, const Matrix& weight, int64_t start, Matrix& out) {
+  const int64_t n = ids.size(), rows = weight.shape(0), hidden = weight.shape(1);
+  check_matrix(out, "out", n, hidden);
+  const int64_t* id = ids.data();
+  const float* w = weight.data();
+  float* o = out.mutable_data();
+  py::gil_scoped_release release;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = id[i] - start;
+    float* dst = o + i * hidden;
+    if (row >= 0 && row < rows) {
+      std::memcpy(dst, w + row * hidden, sizeof(float) * hidden);
+    } else {
+      std::memset(dst, 0, sizeof(float) * hidden);
+    }
+  }
+}
+
+void backward(const Ids& ids, const Matrix& grad_out, int64_t start, Matrix& grad_weight) {
+  const int64_t n = ids.size(), rows = grad_weight.shape(0), hidden = grad_weight.shape(1);
+  check_matrix(grad_out, "grad_out", n, hidden);
+  const int64_t* id = ids.data();
+  const float* g = grad_out.data();
+  float* gw = grad_weight.mutable_data();
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (hidden + kBlock - 1) / kBlock;
+  py::gil_scoped_release release;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t lo = b * kBlock, hi = lo + kBlock < hidden ? lo + kBlock : hidden;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = id[i] - start;
+      if (row < 0 || row >= rows) continue;
+      float* dst = gw + row * hidden;
+      const float* src = g + i * hidden;
+      for (int64_t j = lo; j < hi; ++j) dst[j] += src[j];
+    }
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "megatron-adapt CPU kernels";
+  m.def("vocab_embedding_forward", &forward, py::arg("ids"), py::arg("weight"), py::arg("start"),
+        py::arg("out"), "out[i] = weight[ids[i] - start] for owned ids, else 0");
+  m.def("vocab_embedding_backward", &backward, py::arg("ids"), py::arg("grad_out"),
+        py::arg("start"), py::arg("grad_weight"),
+        "grad_weight[ids[i] - start] += grad_out[i] for owned ids (deterministic)");
+}

@@ -1,0 +1,49 @@
+"""Process-group and megatron-core parallel-state set-up shared by training, tools and tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+log = logging.getLogger(__name__)
+
+
+def initialize(tp_size: int = 1, pp_size: int = 1, seed: int = 1234,
+               init_method: str | None = None, rank: int | None = None,
+               world_size: int | None = None) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPU) and carve it into TP/PP/DP groups.
+
+    Rank and world size come from torchrun's environment unless given. On a CPU-only process the
+    CUDA redirection in ``cpu_shim`` is switched on first, since megatron-core needs it.
+    """
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        from megatron_adapt import cpu_shim
+
+        cpu_shim.enable()
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method,
+                                rank=rank, world_size=world_size)
+    if world_size % (tp_size * pp_size):
+        raise ValueError(f"world size {world_size} is not a multiple of TP×PP = {tp_size}×{pp_size}")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
+                                             pipeline_model_parallel_size=pp_size)
+    model_parallel_cuda_manual_seed(seed)
+    if rank == 0:
+        log.info("initialized %s: world %d = TP %d × PP %d × DP %d", dist.get_backend(), world_size,
+                 tp_size, pp_size, world_size // (tp_size * pp_size))
+
+
+def destroy() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

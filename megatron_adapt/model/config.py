@@ -1,0 +1,194 @@
+"""The LLaMA architecture as read from a Hugging Face ``config.json``.
+
+One dataclass carries everything megatron-core needs to build the model and everything the
+weight mapping needs to lay tensors out. Reading it refuses configs that would silently build a
+different network (biases, tied embeddings, other activations, unknown RoPE scaling), because a
+model that loads without error but computes something else loses days, not seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# megatron-core implements Llama-3 RoPE scaling with these constants only.
+_MCORE_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+
+
+class UnsupportedConfigError(ValueError):
+    """A config.json describes a model this project cannot build faithfully."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaArchitecture:
+    """Shape and numerics of a LLaMA-family decoder."""
+
+    vocab_size: int
+    """True vocabulary size (rows the tokenizer can produce); padding is added on top."""
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: str | None = None
+    """None, "linear" or "llama3" (megatron-core's fixed llama3 constants)."""
+    rope_scaling_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.rope_scaling not in (None, "linear", "llama3"):
+            raise UnsupportedConfigError(f"rope_scaling type {self.rope_scaling!r} is not supported")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def padded_vocab_size(self, tp_size: int, divisible_by: int = 128) -> int:
+        """Rows of the embedding/output tables: a multiple of divisible_by × TP, as Megatron pads."""
+        multiple = divisible_by * tp_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def check_parallel_layout(self, tp_size: int, pp_size: int) -> None:
+        """Refuse a TP/PP split that would cut a head group or leave a stage without layers."""
+        for what, n in (("num_key_value_heads", self.num_key_value_heads),
+                        ("num_attention_heads", self.num_attention_heads),
+                        ("intermediate_size", self.intermediate_size)):
+            if n % tp_size:
+                raise UnsupportedConfigError(f"tensor parallel size {tp_size} does not divide {what}={n}")
+        if self.num_layers % pp_size:
+            raise UnsupportedConfigError(
+                f"pipeline parallel size {pp_size} does not divide num_hidden_layers={self.num_layers}")
+
+    def with_vocab_size(self, vocab_size: int) -> "LlamaArchitecture":
+        return dataclasses.replace(self, vocab_size=vocab_size)
+
+    # --- Hugging Face config.json --------------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any] | str | Path) -> "LlamaArchitecture":
+        source = "config"
+        if not isinstance(config, dict):
+            source = str(config)
+            path = Path(config)
+            if path.is_dir():
+                path = path / "config.json"
+                source = str(path)
+            config = json.loads(path.read_text())
+        return _from_hf_dict(config, source)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling == "linear":
+            rope.update(rope_type="linear", factor=self.rope_scaling_factor)
+        elif self.rope_scaling == "llama3":
+            rope.update(rope_type="llama3", factor=self.rope_scaling_factor, **_MCORE_LLAMA3_SCALING)
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta, "rope_scaling": None if rope["rope_type"] == "default" else rope,
+            "rope_parameters": rope,
+            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.torch_dtype, "dtype": self.torch_dtype,
+        }
+
+    # --- megatron-core ---------------------------------------------------------------------------
+
+    def transformer_config(self, tp_size: int = 1, pp_size: int = 1,
+                           params_dtype: torch.dtype = torch.float32, **overrides: Any):
+        """megatron-core TransformerConfig for this architecture (no dropout, no biases)."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        self.check_parallel_layout(tp_size, pp_size)
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            ffn_hidden_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_key_value_heads, kv_channels=self.head_dim,
+            normalization="RMSNorm", layernorm_epsilon=self.rms_norm_eps,
+            gated_linear_unit=True, activation_func=F.silu,
+            add_bias_linear=False, add_qkv_bias=False,
+            hidden_dropout=0.0, attention_dropout=0.0,
+            bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+            persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+            tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
+            params_dtype=params_dtype, pipeline_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+            use_cpu_initialization=True,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+
+def _from_hf_dict(cfg: dict[str, Any], source: str) -> LlamaArchitecture:
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
+        raise UnsupportedConfigError(
+            f"{source}: model_type={cfg.get('model_type')!r}, architectures={archs}; "
+            f"only {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama') is supported")
+    refusals = {
+        "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (bool(cfg.get("attention_bias", False)), False),
+        "mlp_bias": (bool(cfg.get("mlp_bias", False)), False),
+        "tie_word_embeddings": (bool(cfg.get("tie_word_embeddings", False)), False),
+    }
+    for field, (value, wanted) in refusals.items():
+        if value != wanted:
+            raise UnsupportedConfigError(f"{source}: field {field}={value!r} is not supported "
+                                         f"(the LLaMA layout here needs {wanted!r})")
+    heads = int(cfg["num_attention_heads"])
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling, factor = None, 1.0
+    if rope_type == "linear":
+        scaling, factor = "linear", float(rope["factor"])
+    elif rope_type == "llama3":
+        for key, value in _MCORE_LLAMA3_SCALING.items():
+            if float(rope.get(key, value)) != value:
+                raise UnsupportedConfigError(
+                    f"{source}: rope scaling field {key}={rope[key]} differs from the value "
+                    f"{value} that megatron-core's llama3 scaling hard-codes")
+        scaling, factor = "llama3", float(rope["factor"])
+    elif rope_type != "default":
+        raise UnsupportedConfigError(f"{source}: field rope_type={rope_type!r} is not supported "
+                                     "(default, linear, llama3)")
+    try:
+        return LlamaArchitecture(
+            vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=theta,
+            rope_scaling=scaling, rope_scaling_factor=factor,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+            torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+        )
+    except KeyError as missing:
+        raise UnsupportedConfigError(f"{source}: required field {missing.args[0]} is missing") from None

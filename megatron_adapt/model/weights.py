@@ -1,0 +1,198 @@
+"""The one place that knows how Hugging Face LLaMA tensors map onto megatron-core's GPTModel.
+
+Every megatron-core parameter of a rank is described by a rule: which HF tensors it is made of and
+how they are laid out across tensor-parallel ranks. Loading applies a rule forward for this rank's
+shard; exporting gathers the shards of the TP group and applies it backward. Vocabulary resizing
+and checkpoint conversion build on these two directions instead of knowing the layout themselves.
+
+megatron-core layouts (per TP rank r of t):
+- linear_qkv: for each KV group g the rows [q heads of g | k_g | v_g]; rank r holds groups
+  r·G/t … (r+1)·G/t − 1 contiguously.
+- linear_fc1: [gate rows of shard r | up rows of shard r] (the GLU splits the output in halves).
+- linear_proj, linear_fc2: column shards (row-parallel linears).
+- embedding / output layer: row shards of the vocabulary padded to a multiple of 128·t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_adapt.model.config import LlamaArchitecture
+
+Tensor = torch.Tensor
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint tensor is missing or has a shape other than the architecture implies."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one megatron-core parameter is made of HF tensors."""
+
+    hf_names: tuple[str, ...]
+    layout: str
+    """replicated | vocab_rows | columns | qkv | gate_up"""
+
+
+_LAYER_RULES: dict[str, tuple[tuple[str, ...], str]] = {
+    "input_layernorm.weight": (("input_layernorm.weight",), "replicated"),
+    "self_attention.linear_qkv.layer_norm_weight": (("input_layernorm.weight",), "replicated"),
+    "self_attention.linear_qkv.weight": (
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+    "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "columns"),
+    "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "replicated"),
+    "mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), "replicated"),
+    "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
+    "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "columns"),
+}
+_TOP_RULES: dict[str, Rule] = {
+    "embedding.word_embeddings.weight": Rule(("model.embed_tokens.weight",), "vocab_rows"),
+    "output_layer.weight": Rule(("lm_head.weight",), "vocab_rows"),
+    "decoder.final_layernorm.weight": Rule(("model.norm.weight",), "replicated"),
+}
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def hf_shapes(arch: LlamaArchitecture) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF LlamaForCausalLM checkpoint with its shape."""
+    h, hd = arch.hidden_size, arch.head_dim
+    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "lm_head.weight": (arch.vocab_size, h),
+              "model.norm.weight": (h,)}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (arch.num_attention_heads * hd, h),
+            p + "self_attn.k_proj.weight": (arch.num_key_value_heads * hd, h),
+            p + "self_attn.v_proj.weight": (arch.num_key_value_heads * hd, h),
+            p + "self_attn.o_proj.weight": (h, arch.num_attention_heads * hd),
+            p + "mlp.gate_proj.weight": (arch.intermediate_size, h),
+            p + "mlp.up_proj.weight": (arch.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, arch.intermediate_size),
+        }
+    return shapes
+
+
+def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, Rule]]:
+    """(megatron name, parameter, rule) for every parameter of this rank's model piece."""
+    global_layer = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    for name, param in model.named_parameters():
+        if name in _TOP_RULES:
+            yield name, param, _TOP_RULES[name]
+            continue
+        match = _LAYER_NAME.match(name)
+        if not match or match.group(2) not in _LAYER_RULES:
+            raise KeyError(f"megatron-core parameter {name} has no HF mapping")
+        hf_suffixes, layout = _LAYER_RULES[match.group(2)]
+        prefix = f"model.layers.{global_layer[int(match.group(1))]}."
+        yield name, param, Rule(tuple(prefix + s for s in hf_suffixes), layout)
+
+
+# --- HF → this rank's shard -----------------------------------------------------------------------
+
+def shard_from_hf(rule: Rule, tensors: list[Tensor], arch: LlamaArchitecture,
+                  padded_vocab: int, tp_rank: int, tp_size: int) -> Tensor:
+    """This TP rank's megatron-core tensor made of the HF tensors named by ``rule``."""
+    if rule.layout == "replicated":
+        return tensors[0]
+    if rule.layout == "vocab_rows":
+        full = tensors[0]
+        padded = full.new_zeros((padded_vocab, full.shape[1]))
+        padded[: full.shape[0]] = full
+        return padded.chunk(tp_size, dim=0)[tp_rank]
+    if rule.layout == "columns":
+        return tensors[0].chunk(tp_size, dim=1)[tp_rank]
+    if rule.layout == "gate_up":
+        gate, up = (t.chunk(tp_size, dim=0)[tp_rank] for t in tensors)
+        return torch.cat([gate, up], dim=0)
+    if rule.layout == "qkv":
+        return _interleave_qkv(*tensors, arch).chunk(tp_size, dim=0)[tp_rank]
+    raise ValueError(rule.layout)
+
+
+def _interleave_qkv(q: Tensor, k: Tensor, v: Tensor, arch: LlamaArchitecture) -> Tensor:
+    groups, hd, hidden = arch.num_key_value_heads, arch.head_dim, q.shape[1]
+    q = q.view(groups, arch.q_per_kv * hd, hidden)
+    k, v = k.view(groups, hd, hidden), v.view(groups, hd, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+
+# --- TP shards → HF -----------------------------------------------------------------------------
+
+def hf_from_shards(rule: Rule, shards: list[Tensor], arch: LlamaArchitecture) -> list[Tensor]:
+    """The HF tensors named by ``rule`` from the shards of all TP ranks (in rank order)."""
+    if rule.layout == "replicated":
+        return [shards[0]]
+    if rule.layout == "vocab_rows":
+        return [torch.cat(shards, dim=0)[: arch.vocab_size]]
+    if rule.layout == "columns":
+        return [torch.cat(shards, dim=1)]
+    if rule.layout == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+    if rule.layout == "qkv":
+        hd, hidden = arch.head_dim, shards[0].shape[1]
+        full = torch.cat(shards, dim=0).view(arch.num_key_value_heads, -1, hidden)
+        q, k, v = full.split([arch.q_per_kv * hd, hd, hd], dim=1)
+        return [t.reshape(-1, hidden) for t in (q, k, v)]
+    raise ValueError(rule.layout)
+
+
+# --- whole-model directions --------------------------------------------------------------------
+
+def load_hf_state(model: torch.nn.Module, get_tensor: Callable[[str], Tensor]) -> None:
+    """Fill this rank's parameters from HF tensors, checking every shape against the architecture.
+
+    ``get_tensor(name)`` returns an HF tensor (a dict's ``__getitem__`` or a checkpoint reader).
+    """
+    arch: LlamaArchitecture = model.architecture
+    expected = hf_shapes(arch)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, param, rule in rules(model):
+            tensors = []
+            for hf_name in rule.hf_names:
+                try:
+                    tensor = get_tensor(hf_name)
+                except KeyError:
+                    raise CheckpointMismatchError(f"checkpoint has no tensor {hf_name}") from None
+                if tuple(tensor.shape) != expected[hf_name]:
+                    raise CheckpointMismatchError(
+                        f"tensor {hf_name}: checkpoint shape {tuple(tensor.shape)} != "
+                        f"shape {expected[hf_name]} implied by the config")
+                tensors.append(tensor)
+            shard = shard_from_hf(rule, tensors, arch, model.vocab_size, tp_rank, tp_size)
+            param.copy_(shard.to(param.dtype))
+
+
+def export_hf_state(model: torch.nn.Module, use_grad: bool = False) -> dict[str, Tensor]:
+    """The HF tensors of this rank's pipeline stage, gathered over its TP group.
+
+    Collective over the TP group. ``use_grad`` exports ``param.main_grad``/``param.grad`` in the
+    HF layout instead, which lets tests compare gradients with HF directly.
+    """
+    arch: LlamaArchitecture = model.architecture
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    out: dict[str, Tensor] = {}
+    for name, param, rule in rules(model):
+        local = param
+        if use_grad:
+            local = getattr(param, "main_grad", None)
+            local = param.grad if local is None else local
+            if local is None:
+                local = torch.zeros_like(param)
+        local = local.detach().contiguous()
+        shards = [torch.empty_like(local) for _ in range(tp_size)]
+        dist.all_gather(shards, local, group=group)
+        for hf_name, tensor in zip(rule.hf_names, hf_from_shards(rule, shards, arch)):
+            out[hf_name] = tensor.clone()
+    return out

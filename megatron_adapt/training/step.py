@@ -1,0 +1,59 @@
+"""One forward-backward pass over micro-batches through megatron-core's pipeline schedule.
+
+A batch is a dict with ``tokens`` and ``labels`` ([b, s] int64) and optionally ``loss_mask``
+([b, s], 1 where a token counts: targets of a translation prompt, say). Every pipeline stage
+calls the same function; only the last stage computes a loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_adapt.model.loss import masked_sum, token_losses
+
+
+def _loss_func(model, batch: dict[str, torch.Tensor], on_logits: Callable | None,
+               logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    if on_logits is not None:
+        on_logits(logits.detach())
+    losses = token_losses(logits, batch["labels"], model.true_vocab_size)
+    loss_sum, num_tokens = masked_sum(losses, batch.get("loss_mask"))
+    return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _forward_step(on_logits: Callable | None, data_iterator: Iterable, model):
+    # Every stage draws the batch so that iterators stay aligned; only the first stage reads
+    # tokens and only the last reads labels.
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, positions, attention_mask=None)
+    return output, functools.partial(_loss_func, model, batch, on_logits)
+
+
+def forward_backward(model, batches: list[dict[str, torch.Tensor]], forward_only: bool = False,
+                     on_logits: Callable[[torch.Tensor], None] | None = None) -> float | None:
+    """Run the schedule over ``batches`` (one per micro-batch); gradients accumulate in the model.
+
+    Returns the token-weighted mean loss on the last pipeline stage, None elsewhere.
+    ``on_logits`` receives each micro-batch's vocab-parallel logits (last stage), for inspection.
+    """
+    micro_batch_size, seq_length = batches[0]["tokens"].shape
+    losses = get_forward_backward_func()(
+        forward_step_func=functools.partial(_forward_step, on_logits),
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    total = torch.stack([d["lm_loss"] for d in losses]).sum(0)
+    return (total[0] / total[1]).item()
