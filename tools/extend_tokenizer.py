@@ -1,0 +1,54 @@
+"""Extend a SentencePiece BPE tokenizer (LLaMA-2's) with pieces for a new language.
+
+    python tools/extend_tokenizer.py --base-model llama2/tokenizer.model \
+        --corpus viwiki.jsonl.xz --english gutenberg.jsonl.xz \
+        --num-new-tokens 16000 --lang vi --output-dir tokenizers/vi
+
+Every base piece keeps its id; the added pieces follow, each reachable by encoding. OUT gets
+tokenizer.model, the HF files (AutoTokenizer.from_pretrained(OUT) works offline) and report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_adapt.tokenizer.extend import ExtendConfig, extend_tokenizer, iter_summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-model", required=True, help="base SentencePiece BPE model")
+    parser.add_argument("--corpus", nargs="+", required=True, help="new-language text/JSONL files")
+    parser.add_argument("--num-new-tokens", type=int, required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--lang", help="language code (vi has its own profile; others use the default)")
+    parser.add_argument("--english", nargs="*", default=[],
+                        help="English text/JSONL: protects and measures English tokenization")
+    parser.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    parser.add_argument("--normalize", choices=["vi", "nfc", "none"], help="override the language's normalization")
+    parser.add_argument("--heldout-per-mille", type=int, default=10)
+    parser.add_argument("--min-frequency", type=int, default=1, help="drop rarer word runs (speed)")
+    parser.add_argument("--threads", type=int, default=0, help="encoding threads (0: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = ExtendConfig(
+            base_model=args.base_model, corpus=args.corpus, num_new_tokens=args.num_new_tokens,
+            output_dir=args.output_dir, lang=args.lang, english=args.english, text_key=args.text_key,
+            normalize=args.normalize, heldout_per_mille=args.heldout_per_mille,
+            min_frequency=args.min_frequency, threads=args.threads, overwrite=args.overwrite,
+            progress=sys.stderr.isatty())
+        report = extend_tokenizer(config)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(iter_summary(report)))
+    print(f"written: {config.output_dir}/tokenizer.model, HF tokenizer files, report.json ({report['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
