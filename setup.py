@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 
 native = Pybind11Extension(
     "megatron_adapt._native",
-    sources=["csrc/vocab_embedding.cpp"],
+    sources=["csrc/module.cpp", "csrc/vocab_embedding.cpp", "csrc/chunk_encoder.cpp"],
     cxx_std=17,
     extra_compile_args=["-O3", "-fopenmp"],
     extra_link_args=["-fopenmp"],

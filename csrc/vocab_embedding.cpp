@@ -67,8 +67,7 @@ void backward(const Ids& ids, const Matrix& grad_out, int64_t start, Matrix& gra
 
 }  // namespace
 
-PYBIND11_MODULE(_native, m) {
-  m.doc() = "megatron-adapt CPU kernels";
+void register_vocab_embedding(py::module_& m) {
   m.def("vocab_embedding_forward", &forward, py::arg("ids"), py::arg("weight"), py::arg("start"),
         py::arg("out"), "out[i] = weight[ids[i] - start] for owned ids, else 0");
   m.def("vocab_embedding_backward", &backward, py::arg("ids"), py::arg("grad_out"),

@@ -34,20 +34,21 @@ class BadLine:
         return f"{self.path}:{self.line}: {self.reason}"
 
 
-def open_binary(path: str | Path) -> BinaryIO:
-    """Open a file for reading bytes, decompressing by suffix."""
+def open_binary(path: str | Path, raw: BinaryIO | None = None) -> BinaryIO:
+    """Open a file for reading bytes, decompressing by suffix (from ``raw`` when given)."""
     path = str(path)
+    raw = raw or open(path, "rb")
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if path.endswith(".xz"):
-        return lzma.open(path, "rb")
+        return lzma.LZMAFile(raw, "rb")
     if path.endswith(".bz2"):
-        return bz2.open(path, "rb")
+        return bz2.BZ2File(raw, "rb")
     if path.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    return raw
 
 
 def is_jsonl(path: str | Path) -> bool:
@@ -57,16 +58,7 @@ def is_jsonl(path: str | Path) -> bool:
     return name.endswith(JSONL_SUFFIXES)
 
 
-def iter_documents(path: str | Path, text_key: str = "text",
-                   on_bad: Callable[[BadLine], None] | None = None,
-                   strict: bool = False) -> Iterator[tuple[int, str]]:
-    """Yield (line number, document text) for every usable line of ``path``.
-
-    Empty documents are yielded too (the caller decides); unusable lines go to ``on_bad``.
-    """
-    path = str(path)
-    jsonl = is_jsonl(path)
-
+def _reporter(path: str, on_bad: Callable[[BadLine], None] | None, strict: bool) -> Callable[[int, str], None]:
     def bad(line: int, reason: str) -> None:
         record = BadLine(path, line, reason)
         if strict:
@@ -74,30 +66,62 @@ def iter_documents(path: str | Path, text_key: str = "text",
         if on_bad is not None:
             on_bad(record)
 
+    return bad
+
+
+def _iter_lines(path: str, bad: Callable[[int, str], None],
+                on_position: Callable[[int], None] | None) -> Iterator[tuple[int, str]]:
+    """Decoded lines (without the newline); undecodable lines and early stream ends go to ``bad``."""
     lineno = 0
-    with open_binary(path) as f:
+    raw_file = open(path, "rb")
+    with raw_file, open_binary(path, raw_file) as f:
         try:
             for lineno, raw in enumerate(f, start=1):
+                if on_position is not None and lineno % 1000 == 0:
+                    on_position(raw_file.tell())
                 try:
-                    line = raw.decode("utf-8")
+                    yield lineno, raw.decode("utf-8").rstrip("\n").rstrip("\r")
                 except UnicodeDecodeError as err:
-                    bad(lineno, f"invalid UTF-8 at byte {err.start}")
-                    continue
-                if not jsonl:
-                    yield lineno, line.rstrip("\n").rstrip("\r")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    bad(lineno, f"invalid JSON ({err.msg} at column {err.colno})")
-                    continue
-                text = record.get(text_key) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    reason = "missing" if not isinstance(record, dict) or text_key not in record else "not a string"
-                    bad(lineno, f"field {text_key!r} {reason}")
-                    continue
-                yield lineno, text
+                    bad(lineno, f"invalid UTF-8 at byte {err.start} of the line")
         except (EOFError, OSError, lzma.LZMAError) as err:
             bad(lineno + 1, f"compressed stream ends early ({type(err).__name__}: {err})")
+
+
+def iter_records(path: str | Path, on_bad: Callable[[BadLine], None] | None = None, strict: bool = False,
+                 on_position: Callable[[int], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, JSON object) for every parseable, non-blank line of a JSONL file."""
+    bad = _reporter(str(path), on_bad, strict)
+    for lineno, line in _iter_lines(str(path), bad, on_position):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            bad(lineno, f"invalid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(record, dict):
+            bad(lineno, f"a JSON {type(record).__name__}, not an object")
+            continue
+        yield lineno, record
+
+
+def iter_documents(path: str | Path, text_key: str = "text",
+                   on_bad: Callable[[BadLine], None] | None = None,
+                   strict: bool = False,
+                   on_position: Callable[[int], None] | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (line number, document text) for every usable line of ``path``.
+
+    Empty documents are yielded too (the caller decides); unusable lines go to ``on_bad``.
+    ``on_position`` gets the byte offset reached in the (compressed) file every 1000 lines.
+    """
+    path = str(path)
+    if not is_jsonl(path):
+        yield from _iter_lines(path, _reporter(path, on_bad, strict), on_position)
+        return
+    bad = _reporter(path, on_bad, strict)
+    for lineno, record in iter_records(path, on_bad, strict, on_position):
+        text = record.get(text_key)
+        if not isinstance(text, str):
+            bad(lineno, f"field {text_key!r} {'missing' if text_key not in record else 'not a string'}")
+            continue
+        yield lineno, text
