@@ -80,19 +80,49 @@ def hf_shapes(arch: LlamaArchitecture) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, Rule]]:
-    """(megatron name, parameter, rule) for every parameter of this rank's model piece."""
-    global_layer = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+def _grad(param: torch.Tensor) -> torch.Tensor | None:
+    grad = getattr(param, "main_grad", None)
+    return param.grad if grad is None else grad
+
+
+def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable[[], Tensor | None]]]:
+    """(name, whole tensor, gradient getter) for every weight of this rank's model piece.
+
+    A vocabulary layer split by ``freeze.split_vocab_rows`` appears as its one ``weight`` (all
+    rows), its gradient zero on the frozen rows.
+    """
+    split = {f"{n}.": m for n, m in model.named_modules() if hasattr(m, "trainable_span")}
     for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] + "."
+        if owner not in split:
+            yield name, param, lambda p=param: _grad(p)
+        elif name.endswith(".trainable_rows"):
+            layer = split[owner]
+
+            def full_grad(layer=layer, param=param) -> Tensor | None:
+                grad = _grad(param)
+                if grad is None:
+                    return None
+                full = torch.zeros_like(layer.all_rows)
+                full[slice(*layer.trainable_span)] = grad
+                return full
+
+            yield owner + "weight", layer.all_rows, full_grad
+
+
+def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable, Rule]]:
+    """(megatron name, tensor, gradient getter, rule) for every weight of this rank's model piece."""
+    global_layer = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    for name, param, grad in named_weights(model):
         if name in _TOP_RULES:
-            yield name, param, _TOP_RULES[name]
+            yield name, param, grad, _TOP_RULES[name]
             continue
         match = _LAYER_NAME.match(name)
         if not match or match.group(2) not in _LAYER_RULES:
             raise KeyError(f"megatron-core parameter {name} has no HF mapping")
         hf_suffixes, layout = _LAYER_RULES[match.group(2)]
         prefix = f"model.layers.{global_layer[int(match.group(1))]}."
-        yield name, param, Rule(tuple(prefix + s for s in hf_suffixes), layout)
+        yield name, param, grad, Rule(tuple(prefix + s for s in hf_suffixes), layout)
 
 
 # --- HF → this rank's shard -----------------------------------------------------------------------
@@ -157,7 +187,7 @@ def load_hf_state(model: torch.nn.Module, get_tensor: Callable[[str], Tensor]) -
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
-        for name, param, rule in rules(model):
+        for name, param, _, rule in rules(model):
             tensors = []
             for hf_name in rule.hf_names:
                 try:
@@ -176,18 +206,17 @@ def load_hf_state(model: torch.nn.Module, get_tensor: Callable[[str], Tensor]) -
 def export_hf_state(model: torch.nn.Module, use_grad: bool = False) -> dict[str, Tensor]:
     """The HF tensors of this rank's pipeline stage, gathered over its TP group.
 
-    Collective over the TP group. ``use_grad`` exports ``param.main_grad``/``param.grad`` in the
+    Collective over the TP group. ``use_grad`` exports the gradients (zero where none) in the
     HF layout instead, which lets tests compare gradients with HF directly.
     """
     arch: LlamaArchitecture = model.architecture
     group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     out: dict[str, Tensor] = {}
-    for name, param, rule in rules(model):
+    for name, param, grad, rule in rules(model):
         local = param
         if use_grad:
-            local = getattr(param, "main_grad", None)
-            local = param.grad if local is None else local
+            local = grad()
             if local is None:
                 local = torch.zeros_like(param)
         local = local.detach().contiguous()
