@@ -1,13 +1,66 @@
 #!/usr/bin/env bash
-# The main job on its embedded default, on CPU: set up ./.venv, then run what the recipe has so
-# far on two local processes (see README, "The recipe").
+# The main job on its embedded default: the whole recipe on CPU on the bundled sample (data/sample).
+#   base tokenizer (a LLaMA-like stand-in; pass BASE_TOKENIZER=path/to/llama2/tokenizer.model for
+#   the real one) → extend with Vietnamese → preprocess → tiny LLaMA → stage 1 (new rows only,
+#   TP=2) → stage 2 (all weights, PP=2) → export to HF → generate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
-RUN_DIR=${RUN_DIR:-runs/quickstart}
-mkdir -p "$RUN_DIR"
-echo "== megatron-core LLaMA (TP=2 over gloo) vs Hugging Face, and export back to HF"
-.venv/bin/torchrun --nproc-per-node 2 tools/check_against_hf.py --tp 2 \
-    --work-dir "$RUN_DIR" --export-dir "$RUN_DIR/hf_export" 2> "$RUN_DIR.log" \
-    || { echo "failed; log: $RUN_DIR.log"; exit 1; }
-echo "artefacts: $RUN_DIR/tiny_llama_hf (HF input), $RUN_DIR/hf_export (HF output), $RUN_DIR/check.json"
+R=runs/quickstart
+P=.venv/bin/python
+TORCHRUN=.venv/bin/torchrun
+export OMP_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore
+mkdir -p "$R"
+step() { echo; echo "== $*"; }
+quiet() { "$@" > "$R/last_step.log" 2>&1 || { cat "$R/last_step.log"; echo "failed: $*"; exit 1; }; }
+start=$(date +%s)
+
+step "1/8 base tokenizer"
+if [ -n "${BASE_TOKENIZER:-}" ]; then mkdir -p $R/base_tokenizer; cp "$BASE_TOKENIZER" $R/base_tokenizer/tokenizer.model
+else $P tools/train_base_tokenizer.py --corpus data/sample/en_gutenberg.jsonl.xz --vocab-size 2000 \
+        --output $R/base_tokenizer/tokenizer.model; fi
+
+step "2/8 extend it with Vietnamese pieces"
+$P tools/extend_tokenizer.py --base-model $R/base_tokenizer/tokenizer.model --corpus data/sample/vi_wiki.jsonl.xz \
+    --english data/sample/en_gutenberg.jsonl.xz --num-new-tokens 1500 --lang vi --output-dir $R/tokenizer --overwrite
+
+step "3/8 preprocess Vietnamese, English and En-Vi translation pairs"
+for spec in "vi:--input data/sample/vi_wiki.jsonl.xz --normalize vi" "en:--input data/sample/en_gutenberg.jsonl.xz" \
+            "mt:--parallel data/sample/tatoeba.en.xz data/sample/tatoeba.vi.xz"; do
+    name=${spec%%:*}; rm -rf "$R/data/$name".*
+    # shellcheck disable=SC2086
+    quiet $P tools/preprocess_data.py ${spec#*:} --tokenizer-model $R/tokenizer/tokenizer.model \
+        --output-prefix $R/data/$name --append-eod
+    echo "$name: $(grep -m1 '"tokens"' $R/data/$name.stats.json)"
+done
+$P tools/make_blend.py --group mt=50:$R/data/mt --group vi=30:$R/data/vi --group en=20:$R/data/en --output $R/data/stage1.json
+$P tools/make_blend.py --group vi=100:$R/data/vi --group en=40:$R/data/en --output $R/data/stage2.json
+
+step "4/8 tiny LLaMA over the base vocabulary"
+$P tools/make_tiny_llama.py --tokenizer $R/base_tokenizer/tokenizer.model --output $R/base_llama
+
+step "5/8 stage 1: only the added vocabulary rows train (TP=2, 2 processes)"
+rm -rf $R/stage1 $R/stage2
+$TORCHRUN --nproc-per-node 2 -m megatron_adapt.pretrain --config configs/tiny_cpu_stage1.yaml \
+    --set model.base_tokenizer=$R/base_tokenizer/tokenizer.model 2> $R/stage1.log
+step "6/8 stage 2: all weights (PP=2, 2 processes)"
+$TORCHRUN --nproc-per-node 2 -m megatron_adapt.pretrain --config configs/tiny_cpu_stage2.yaml \
+    --set model.base_tokenizer=$R/base_tokenizer/tokenizer.model 2> $R/stage2.log
+$P - <<PY
+import json
+for stage in ("stage1", "stage2"):
+    rows = [json.loads(l) for l in open("$R/%s/metrics.jsonl" % stage) if '"loss"' in l]
+    print(f"{stage}: training loss {rows[0]['loss']:.3f} (step {rows[0]['step']}) -> {rows[-1]['loss']:.3f} (step {rows[-1]['step']})")
+PY
+
+step "7/8 export to Hugging Face format"
+$P tools/convert_checkpoint.py megatron-to-hf --checkpoint $R/stage2 --tokenizer-dir $R/tokenizer \
+    --output $R/hf_release --dtype fp32
+
+step "8/8 generate with transformers from the export"
+$P tools/generate.py --model $R/hf_release --prompt "Việt Nam là" --prompt "Hà Nội" --max-new-tokens 24 2>/dev/null
+
+echo
+echo "done in $(( $(date +%s) - start )) s. Artefacts under $R/:"
+echo "  tokenizer/ (extended tokenizer, report.json)   data/ (indexed datasets, blends)"
+echo "  stage1/ stage2/ (checkpoints, metrics.jsonl; logs stage1.log stage2.log)   hf_release/ (HF model)"

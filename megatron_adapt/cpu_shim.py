@@ -2,7 +2,8 @@
 
 megatron-core assumes CUDA in a handful of places: it asks ``torch.cuda.current_device()`` for
 the device of new tensors, creates some tensors with ``device="cuda"``, synchronizes the CUDA
-stream, and keeps its tensor-parallel RNG streams as CUDA generator states. On a CPU-only
+stream, keeps its tensor-parallel RNG streams as CUDA generator states, and its gradient clipping
+asserts CUDA gradients. On a CPU-only
 machine all of these either raise or (``torch.cuda._lazy_call``) silently never run.
 
 ``enable()`` redirects exactly those calls to the CPU for the current process. It is used by the
@@ -54,6 +55,17 @@ def _set_rng_state(new_state: torch.Tensor, device=-1, graph_safe: bool = False)
     torch.set_rng_state(new_state)
 
 
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False) -> None:
+    """megatron-core's clip, minus its assertion that gradients are CUDA tensors."""
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = param.decoupled_grad if use_decoupled_grad else param.grad
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)
+
+
 def enable() -> None:
     """Redirect megatron-core's CUDA calls to the CPU in this process (idempotent)."""
     global _ENABLED
@@ -69,9 +81,11 @@ def enable() -> None:
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
 
+    from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.tensor_parallel import random as mcore_random
 
     mcore_random._set_cuda_rng_state = _set_rng_state
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     logging.getLogger(mcore_random.__name__).addFilter(_DropSharedRngWarning())
 
     _CudaToCpu().__enter__()  # stays active for the life of the process

@@ -17,11 +17,18 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_adapt.model.loss import masked_sum, token_losses
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron-core's DDP (or any ``.module``) wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _loss_func(model, batch: dict[str, torch.Tensor], on_logits: Callable | None,
                logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     if on_logits is not None:
         on_logits(logits.detach())
-    losses = token_losses(logits, batch["labels"], model.true_vocab_size)
+    losses = token_losses(logits, batch["labels"], unwrap(model).true_vocab_size)
     loss_sum, num_tokens = masked_sum(losses, batch.get("loss_mask"))
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 

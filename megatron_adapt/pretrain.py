@@ -1,0 +1,39 @@
+"""Continued pretraining entry point.
+
+    torchrun --nproc-per-node 8 -m megatron_adapt.pretrain --config configs/stage1_7b.yaml \
+        --set train.steps=2000 --set checkpoint.save=runs/stage1
+
+Re-running the same command resumes from the run's latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_adapt.training.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML file (configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. optim.lr=3e-4 (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("megatron.core", "megatron.core.datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config, args.set)
+        from megatron_adapt.training.loop import train
+
+        train(config)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Training configuration: nested dataclasses read from YAML, overridable by ``--set a.b=value``.
+
+Every key is checked: an unknown key, a missing file or a value of the wrong type is refused
+before any model is built, naming the key, so a typo never costs a queue wait and a GPU hour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_adapt.model.freeze import FreezePolicy
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    hf_dir: str = ""
+    """HF LLaMA checkpoint to start from (config.json + safetensors) when no checkpoint exists."""
+    tokenizer: str = ""
+    """SentencePiece model of the training data; rows are added if it extends the checkpoint's."""
+    base_tokenizer: str = ""
+    """The checkpoint's own tokenizer (defaults to hf_dir/tokenizer.model)."""
+    init_method: str = "subword-mean"
+    """How added rows start: subword-mean, mean, multivariate-normal."""
+    init_from: str = ""
+    """Another run's checkpoint directory to start from (stage 2 from stage 1); weights only."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    blend: str = ""
+    """Blend JSON from tools/make_blend.py (training and per-group validation data)."""
+    seq_length: int = 2048
+    split: str = "99,1,0"
+    """train,valid,test shares of every dataset."""
+    cache_dir: str = ""
+    """Where megatron-core keeps its sample-index caches (default: <save>/data_cache)."""
+    seed: int = 1234
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    bf16: bool = True
+    """bf16 weights with fp32 master copies (GPU); fp32 everywhere when false (CPU)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 256
+    micro_batch_size: int = 1
+    freeze: FreezePolicy = dataclasses.field(default_factory=FreezePolicy)
+    eval_interval: int = 200
+    eval_steps: int = 10
+    log_interval: int = 10
+    peak_tflops: float = 989.0
+    """Per-device dense bf16 peak used for MFU (H100 SXM: 989)."""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save: str = ""
+    """Run directory: checkpoints iter_NNNNNNN/, the latest pointer, logs."""
+    save_interval: int = 500
+    keep: int = 3
+    """Complete checkpoints kept (older ones are deleted after a newer one is complete)."""
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    wandb_project: str = ""
+    """Empty: no wandb. Runs offline unless WANDB_MODE says otherwise."""
+    wandb_run: str = ""
+    tensorboard: bool = False
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Check files and values that would otherwise fail late."""
+        if not self.checkpoint.save:
+            raise ConfigError("checkpoint.save: a run directory is required")
+        if not self.model.init_from and not self.model.hf_dir:
+            raise ConfigError("model.hf_dir: required unless model.init_from names a checkpoint")
+        for key, path in (("model.hf_dir", self.model.hf_dir), ("model.tokenizer", self.model.tokenizer),
+                          ("model.init_from", self.model.init_from), ("data.blend", self.data.blend)):
+            if path and not Path(path).exists():
+                raise ConfigError(f"{key}: {path} does not exist")
+        if not self.data.blend:
+            raise ConfigError("data.blend: a blend file is required")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(kind, value, key + ".")
+    origin = typing.get_origin(kind)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix}{key} (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The YAML file (if any) with ``a.b=value`` overrides applied, validated."""
+    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    config = _build(Config, data)
+    config.validate()
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

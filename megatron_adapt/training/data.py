@@ -1,0 +1,93 @@
+"""Training data: megatron-core's GPTDataset over a blend, with target-only loss where marked.
+
+``TargetMaskedGPTDataset`` is megatron-core's GPTDataset plus one thing: when a dataset prefix has
+a ``PREFIX_targetmask`` companion (written by tools/preprocess_data.py for translation and
+instruction data), the mask is read through the very same document/sample/shuffle indices, so it
+lines up with the tokens of every sample, and the loss mask keeps only target tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_adapt.data.blend import BlendEntry
+from megatron_adapt.data.preprocess import MASK_SUFFIX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetTokenizer:
+    """What megatron-core's GPTDataset asks of a tokenizer."""
+
+    vocab_size: int
+    eod: int
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of the key of megatron-core's index caches."""
+        return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+class TargetMaskedGPTDataset(GPTDataset):
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config) -> None:
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+        self._mask_view = None
+        if dataset_path and Path(f"{dataset_path}{MASK_SUFFIX}.idx").exists():
+            self._mask_view = copy.copy(self)
+            self._mask_view.dataset = IndexedDataset(f"{dataset_path}{MASK_SUFFIX}", mmap=config.mmap_bin_files)
+
+    def __getitem__(self, idx):
+        sample = super().__getitem__(idx)
+        if self._mask_view is not None and idx is not None:
+            mask, _ = self._mask_view._query_document_sample_shuffle_indices(idx)
+            target = torch.from_numpy(np.asarray(mask) == 1)
+            sample["loss_mask"] = sample["loss_mask"] * target[1:].to(sample["loss_mask"].dtype)
+        return sample
+
+
+def dataset_config(seq_length: int, seed: int, split: str, tokenizer: DatasetTokenizer, cache_dir: str,
+                   blend: tuple[list[str], list[float]] | None = None,
+                   blend_per_split: list | None = None) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=blend, blend_per_split=blend_per_split,
+        split=split if blend is not None else None, tokenizer=tokenizer, path_to_cache=cache_dir,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        mmap_bin_files=True)
+
+
+def _build(config: GPTDatasetConfig, sizes: list[int]):
+    """Build on global rank 0 first (it writes the index caches), then on the others."""
+    def build():
+        return BlendedMegatronDatasetBuilder(TargetMaskedGPTDataset, sizes, lambda: True, config).build()
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        datasets = build() if dist.get_rank() == 0 else None
+        dist.barrier()
+        return datasets if datasets is not None else build()
+    return build()
+
+
+def build_datasets(entries: list[BlendEntry], seq_length: int, seed: int, split: str, train_samples: int,
+                   eval_samples: int, tokenizer: DatasetTokenizer, cache_dir: str):
+    """(train dataset over the whole blend, {group: validation dataset})."""
+    prefixes, weights = [e.prefix for e in entries], [e.weight for e in entries]
+    train, _, _ = _build(dataset_config(seq_length, seed, split, tokenizer, cache_dir, (prefixes, weights)),
+                         [train_samples, 0, 0])
+    valid = {}
+    for group in dict.fromkeys(e.group for e in entries):
+        members = [e for e in entries if e.group == group]
+        config = dataset_config(seq_length, seed, split, tokenizer, cache_dir,
+                                ([e.prefix for e in members], [e.weight for e in members]))
+        _, valid[group], _ = _build(config, [0, eval_samples, 0])
+    return train, valid

@@ -1,0 +1,169 @@
+"""Convert between Hugging Face LLaMA checkpoints and megatron-adapt training checkpoints.
+
+    python tools/convert_checkpoint.py hf-to-megatron --hf-dir Llama-2-7b-hf --tokenizer-dir tokenizers/vi \
+        --tp 2 --pp 2 --init subword-mean --output runs/vi-start
+    python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/stage2 --tokenizer-dir tokenizers/vi \
+        --output release/vi-llama --dtype bf16
+
+A megatron-adapt checkpoint keeps its weights in HF tensor layout (one safetensors shard per
+pipeline stage), so both directions stream tensor by tensor through safetensors: peak memory is
+about one tensor group, not the model. Output is written under a temporary name and renamed, so
+an interrupted conversion leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from megatron_adapt.checkpoint.hf import INDEX_NAME, HFCheckpointReader
+from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.resize import INIT_METHODS, RESIZED, resizing_reader
+from megatron_adapt.model.weights import CheckpointMismatchError, hf_shapes
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _write_sharded(names: list[str], get, out: Path, dtype: torch.dtype | None, max_shard_bytes: int) -> int:
+    """Stream tensors into safetensors shards of at most ``max_shard_bytes``; returns total bytes."""
+    shards, current, size, total = [], {}, 0, 0
+    for name in tqdm(names, desc="tensors", disable=not sys.stderr.isatty()):
+        tensor = get(name)
+        tensor = tensor.to(dtype) if dtype is not None else tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            _flush(current, out, len(shards))
+            current, size = {}, 0
+        current[name] = tensor.contiguous()
+        size += nbytes
+        total += nbytes
+    shards.append(current)
+    _flush(current, out, len(shards))
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.replace(out / f"shard-{i}.tmp", out / final)
+        weight_map.update({k: final for k in shard})
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def _flush(shard: dict, out: Path, number: int) -> None:
+    save_file(shard, out / f"shard-{number}.tmp", metadata={"format": "pt"})
+    for key in list(shard):
+        shard[key] = None  # keep names, drop tensors
+
+
+def _check_complete(reader: HFCheckpointReader, arch: LlamaArchitecture) -> None:
+    for name, shape in hf_shapes(arch).items():
+        if name not in reader.weight_map:
+            raise CheckpointMismatchError(f"{reader.directory}: index has no entry for {name}")
+        shard = reader.directory / reader.weight_map[name]
+        try:
+            with safe_open(shard, "pt") as f:
+                got = tuple(f.get_slice(name).get_shape())
+        except Exception as err:  # truncated or corrupt shard
+            raise CheckpointMismatchError(f"{shard}: cannot read {name} ({err})") from None
+        if got != shape:
+            raise CheckpointMismatchError(f"tensor {name}: checkpoint shape {got} != shape {shape} implied by the config")
+
+
+def hf_to_megatron(args) -> Path:
+    reader = HFCheckpointReader(args.hf_dir)
+    arch = LlamaArchitecture.from_hf_config(args.hf_dir)
+    _check_complete(reader, arch)
+    tok = Path(args.tokenizer_dir) / "tokenizer.model"
+    get = resizing_reader(reader.__getitem__, args.base_tokenizer or str(Path(args.hf_dir) / "tokenizer.model"),
+                          str(tok), args.init)
+    arch = arch.with_vocab_size(get(RESIZED[0]).shape[0])
+    arch.check_parallel_layout(args.tp, args.pp)
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_dir = tmp / "iter_0000000" / "model"
+    model_dir.mkdir(parents=True)
+    _write_sharded(list(hf_shapes(arch)), get, model_dir, DTYPES.get(args.dtype), args.max_shard_bytes)
+    (model_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
+    meta = {"iteration": 0, "consumed_samples": 0, "layout": {"tp": args.tp, "pp": args.pp, "world": 0},
+            "config": {"converted_from": str(args.hf_dir), "tokenizer": str(tok), "init": args.init}}
+    (tmp / "iter_0000000" / "meta.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "latest").write_text("iter_0000000")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def megatron_to_hf(args) -> Path:
+    source = Path(args.checkpoint)
+    if (source / "latest").exists():
+        source = source / (source / "latest").read_text().strip()
+    if not (source / "meta.json").exists():
+        raise FileNotFoundError(f"{source}: not a complete megatron-adapt checkpoint (no meta.json)")
+    reader = HFCheckpointReader(source / "model")
+    arch = LlamaArchitecture.from_hf_config(source / "model")
+    _check_complete(reader, arch)
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = DTYPES[args.dtype]
+    _write_sharded(list(hf_shapes(arch)), reader.__getitem__, tmp, dtype, args.max_shard_bytes)
+    config = arch.to_hf_config()
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "do_sample": True,
+                  "temperature": 0.7, "top_p": 0.9, "max_length": arch.max_position_embeddings}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    tok_dir = Path(args.tokenizer_dir)
+    for name in TOKENIZER_FILES:
+        if not (tok_dir / name).exists():
+            raise FileNotFoundError(f"{tok_dir / name}: tokenizer file missing (run tools/extend_tokenizer.py)")
+        shutil.copy(tok_dir / name, tmp / name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-megatron")
+    a.add_argument("--hf-dir", required=True)
+    a.add_argument("--tokenizer-dir", required=True, help="output of tools/extend_tokenizer.py")
+    a.add_argument("--base-tokenizer", help="the checkpoint's tokenizer (default HF_DIR/tokenizer.model)")
+    a.add_argument("--tp", type=int, default=1)
+    a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--init", choices=INIT_METHODS, default="subword-mean")
+    a.add_argument("--dtype", choices=list(DTYPES), help="cast (default: keep)")
+    a.add_argument("--output", required=True)
+    a.add_argument("--max-shard-bytes", type=int, default=5 << 30)
+    b = sub.add_parser("megatron-to-hf")
+    b.add_argument("--checkpoint", required=True, help="run directory or iter_NNNNNNN directory")
+    b.add_argument("--tokenizer-dir", required=True)
+    b.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    b.add_argument("--output", required=True)
+    b.add_argument("--max-shard-bytes", type=int, default=5 << 30)
+    args = parser.parse_args(argv)
+    try:
+        out = hf_to_megatron(args) if args.direction == "hf-to-megatron" else megatron_to_hf(args)
+    except (ValueError, OSError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
