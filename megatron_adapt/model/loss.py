@@ -23,7 +23,11 @@ def mask_vocab_padding(logits: torch.Tensor, true_vocab_size: int) -> torch.Tens
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, true_vocab_size: int) -> torch.Tensor:
-    """Per-token cross entropy [b, s] from vocab-parallel logits [b, s, v/tp] in fp32."""
+    """Per-token cross entropy [b, s] from vocab-parallel logits [b, s, v/tp] in fp32.
+
+    Like megatron-core's own loss, this may overwrite fp32 ``logits`` in place (its cross entropy
+    subtracts the max and exponentiates in the input's storage) to save a logits-sized buffer.
+    """
     masked = mask_vocab_padding(logits.float(), true_vocab_size)
     return tensor_parallel.vocab_parallel_cross_entropy(masked, labels)
 

@@ -26,8 +26,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _loss_func(model, batch: dict[str, torch.Tensor], on_logits: Callable | None,
                logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    if on_logits is not None:
-        on_logits(logits.detach())
+    if on_logits is not None:  # a copy: megatron-core's cross entropy overwrites its input in place
+        on_logits(logits.detach().clone())
     losses = token_losses(logits, batch["labels"], unwrap(model).true_vocab_size)
     loss_sum, num_tokens = masked_sum(losses, batch.get("loss_mask"))
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}

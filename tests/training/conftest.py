@@ -1,0 +1,49 @@
+"""A miniature recipe (base tokenizer, extension, tiny LLaMA, preprocessed data, blends) from the
+bundled sample, shared by the training tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def recipe(tmp_path_factory) -> Path:
+    from tools.extend_tokenizer import main as extend
+    from tools.make_blend import main as blend
+    from tools.make_tiny_llama import main as tiny
+    from tools.preprocess_data import main as preprocess
+    from tools.train_base_tokenizer import main as train_base
+
+    r = tmp_path_factory.mktemp("recipe")
+    assert train_base(["--corpus", str(SAMPLE / "en_gutenberg.jsonl.xz"), "--vocab-size", "1000",
+                       "--output", str(r / "base_tokenizer" / "tokenizer.model")]) == 0
+    assert extend(["--base-model", str(r / "base_tokenizer" / "tokenizer.model"), "--corpus",
+                   str(SAMPLE / "vi_wiki.jsonl.xz"), "--num-new-tokens", "500", "--lang", "vi",
+                   "--output-dir", str(r / "tokenizer")]) == 0
+    assert tiny(["--tokenizer", str(r / "base_tokenizer" / "tokenizer.model"), "--output", str(r / "base_llama"),
+                 "--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"]) == 0
+    tok = str(r / "tokenizer" / "tokenizer.model")
+    assert preprocess(["--input", str(SAMPLE / "vi_wiki.jsonl.xz"), "--tokenizer-model", tok,
+                       "--output-prefix", str(r / "data" / "vi"), "--append-eod"]) == 0
+    assert preprocess(["--parallel", str(SAMPLE / "tatoeba.en.xz"), str(SAMPLE / "tatoeba.vi.xz"),
+                       "--tokenizer-model", tok, "--output-prefix", str(r / "data" / "mt"), "--append-eod"]) == 0
+    assert blend(["--group", f"mt=1:{r / 'data' / 'mt'}", "--group", f"vi=1:{r / 'data' / 'vi'}",
+                  "--output", str(r / "blend.json")]) == 0
+    config = {
+        "model": {"hf_dir": str(r / "base_llama"), "tokenizer": tok,
+                  "base_tokenizer": str(r / "base_tokenizer" / "tokenizer.model")},
+        "data": {"blend": str(r / "blend.json"), "seq_length": 64, "split": "90,10,0"},
+        "parallel": {"tp": 2, "pp": 1},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "bf16": False},
+        "train": {"steps": 10, "global_batch_size": 4, "micro_batch_size": 2, "eval_interval": 0,
+                  "log_interval": 1},
+        "checkpoint": {"save": str(r / "run"), "save_interval": 100},
+    }
+    (r / "config.yaml").write_text(yaml.safe_dump(config))
+    return r

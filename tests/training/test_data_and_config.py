@@ -1,0 +1,131 @@
+"""Translation prompts carry no loss; bad configs are refused, by name, before a model is built."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megatron_adapt.data.blend import load_blend
+from megatron_adapt.training.config import ConfigError, load_config
+from megatron_adapt.training.data import DatasetTokenizer, build_datasets
+from megatron_adapt.training.loop import check_inputs
+from tests.multiprocess import run_ranks
+
+
+def _rank_samples(recipe) -> list[dict]:
+    entries = [e for e in load_blend(recipe / "blend.json") if e.group == "mt"]
+    entries = [type(e)(e.group, e.prefix, e.tokens, 1.0) for e in entries]
+    train, _ = build_datasets(entries, 64, 1234, "100,0,0", 40, 0, DatasetTokenizer(1500, 2), str(recipe / "cache"))
+    return [train[k] for k in range(20)]
+
+
+@pytest.fixture(scope="module")
+def samples(recipe) -> list[dict]:
+    (result,) = run_ranks(_rank_samples, recipe)
+    return result
+
+
+@pytest.mark.distributed
+def test_loss_mask_is_the_target_mask(recipe, samples):
+    """Each training sample's loss mask says 'target' exactly where the preprocessed target mask
+    does for the predicted token. Samples concatenate shuffled documents, so each position is
+    located in the raw data by the 8 tokens ending at it (used when all occurrences agree)."""
+    tokens = IndexedDataset(str(recipe / "data" / "mt"))
+    masks = IndexedDataset(str(recipe / "data" / "mt_targetmask"))
+    window = 8
+    seen: dict[bytes, set[int]] = {}
+    for d in range(len(tokens)):
+        t, m = np.array(tokens[d]), np.array(masks[d])
+        for end in range(window - 1, len(t)):
+            seen.setdefault(t[end - window + 1:end + 1].tobytes(), set()).add(int(m[end]))
+    checked = {0: 0, 1: 0}
+    for k, sample in enumerate(samples):
+        seq = torch.cat([sample["tokens"], sample["labels"][-1:]]).numpy().astype(np.array(tokens[0]).dtype)
+        for end in range(window - 1, len(seq)):
+            values = seen.get(seq[end - window + 1:end + 1].tobytes())
+            if values is None or len(values) != 1:
+                continue
+            (expected,) = values
+            assert sample["loss_mask"][end - 1].item() == expected, f"sample {k}, position {end}: mask mismatch"
+            checked[expected] += 1
+    assert checked[0] > 50 and checked[1] > 50, f"too few positions located: {checked}"
+
+
+def _rank_prompt_labels_do_not_matter(batch: dict) -> list[float]:
+    from megatron_adapt.model.loss import masked_sum, token_losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["tokens"].shape, 1500)
+    out = []
+    for labels in (batch["labels"], batch["prompt_scrambled"], batch["target_scrambled"]):
+        total, count = masked_sum(token_losses(logits.clone(), labels, 1500), batch["loss_mask"])
+        out.append((total / count).item())
+    return out
+
+
+@pytest.mark.distributed
+def test_prompt_tokens_contribute_nothing(samples):
+    sample = next(s for s in samples if 0 < s["loss_mask"].sum() < len(s["loss_mask"]))
+    labels, mask = sample["labels"].unsqueeze(0), sample["loss_mask"].unsqueeze(0)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randint(0, 1500, labels.shape, generator=gen)
+    batch = dict(tokens=sample["tokens"].unsqueeze(0), labels=labels, loss_mask=mask,
+                 prompt_scrambled=torch.where(mask == 0, noise, labels),
+                 target_scrambled=torch.where(mask == 1, noise, labels))
+    (losses,) = run_ranks(_rank_prompt_labels_do_not_matter, batch)
+    assert losses[0] == losses[1], "changing prompt labels changed the loss"
+    assert losses[0] != losses[2], "changing target labels did not change the loss"
+
+
+def _write(recipe, tmp_path, **edits) -> str:
+    config = yaml.safe_load((recipe / "config.yaml").read_text())
+    for key, value in edits.items():
+        section, leaf = key.split("__")
+        config[section][leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_unknown_key_is_named(recipe, tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):
+        load_config(_write(recipe, tmp_path, optim__learning_rate=1.0))
+    with pytest.raises(ConfigError, match="train.steps: expected int"):
+        load_config(recipe / "config.yaml", ["train.steps=many"])
+
+
+def test_missing_data_prefix_is_named(recipe, tmp_path):
+    blend = json.loads((recipe / "blend.json").read_text())
+    blend["datasets"][0]["prefix"] = str(tmp_path / "gone" / "vi")
+    (tmp_path / "blend.json").write_text(json.dumps(blend))
+    config = load_config(recipe / "config.yaml", [f"data.blend={tmp_path / 'blend.json'}"])
+    with pytest.raises(FileNotFoundError, match=r"gone/vi has no .*gone/vi\.bin"):
+        check_inputs(config)
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint(recipe, tmp_path):
+    # resume-style check: a run whose checkpoint has another vocabulary size than the tokenizer
+    run = tmp_path / "run" / "iter_0000001"
+    (run / "model").mkdir(parents=True)
+    cfg = json.loads((recipe / "base_llama" / "config.json").read_text())
+    (run / "model" / "config.json").write_text(json.dumps(cfg))
+    (run / "meta.json").write_text("{}")
+    (tmp_path / "run" / "latest").write_text("iter_0000001")
+    config = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"model.tokenizer: .* has 1500 pieces but checkpoint .* has 1000"):
+        check_inputs(config)
+
+
+@pytest.mark.parametrize("name", ["stage1_7b", "stage2_7b", "tiny_cpu_stage1", "tiny_cpu_stage2"])
+def test_shipped_configs_parse(name):
+    from pathlib import Path
+
+    from megatron_adapt.training.config import Config, _build
+
+    config = _build(Config, yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml").read_text()))
+    assert config.train.global_batch_size % config.train.micro_batch_size == 0
