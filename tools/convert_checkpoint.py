@@ -6,8 +6,8 @@
         --output release/vi-llama --dtype bf16
 
 A megatron-adapt checkpoint keeps its weights in HF tensor layout (one safetensors shard per
-pipeline stage), so both directions stream tensor by tensor through safetensors: peak memory is
-about one tensor group, not the model. Output is written under a temporary name and renamed, so
+pipeline stage), so both directions stream tensor by tensor through safetensors
+(``checkpoint/streaming.py``): peak memory is about one tensor, not a shard or the model. Output is written under a temporary name and renamed, so
 an interrupted conversion leaves nothing that looks complete.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from megatron_adapt.checkpoint.hf import INDEX_NAME, HFCheckpointReader
+from megatron_adapt.checkpoint.streaming import plan_shards, write_shard
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.resize import INIT_METHODS, RESIZED, resizing_reader
 from megatron_adapt.model.weights import CheckpointMismatchError, hf_shapes
@@ -34,36 +34,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _write_sharded(names: list[str], get, out: Path, dtype: torch.dtype | None, max_shard_bytes: int) -> int:
-    """Stream tensors into safetensors shards of at most ``max_shard_bytes``; returns total bytes."""
-    shards, current, size, total = [], {}, 0, 0
-    for name in tqdm(names, desc="tensors", disable=not sys.stderr.isatty()):
-        tensor = get(name)
-        tensor = tensor.to(dtype) if dtype is not None else tensor
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            _flush(current, out, len(shards))
-            current, size = {}, 0
-        current[name] = tensor.contiguous()
-        size += nbytes
-        total += nbytes
-    shards.append(current)
-    _flush(current, out, len(shards))
-    n = len(shards)
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        final = f"model-{i:05d}-of-{n:05d}.safetensors"
-        os.replace(out / f"shard-{i}.tmp", out / final)
-        weight_map.update({k: final for k in shard})
+def _write_sharded(arch: LlamaArchitecture, get, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> int:
+    """All tensors of ``arch`` in safetensors shards with an index, one tensor in memory at a time."""
+    shapes = hf_shapes(arch)
+    shards = plan_shards(shapes, dtype, max_shard_bytes)
+    weight_map, total = {}, 0
+    bar = tqdm(total=len(shapes), desc="tensors", disable=not sys.stderr.isatty())
+    for i, names in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += write_shard(out / name, names, shapes, dtype, get, on_tensor=bar.update)
+        weight_map.update({n: name for n in names})
+    bar.close()
     (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return total
-
-
-def _flush(shard: dict, out: Path, number: int) -> None:
-    save_file(shard, out / f"shard-{number}.tmp", metadata={"format": "pt"})
-    for key in list(shard):
-        shard[key] = None  # keep names, drop tensors
 
 
 def _check_complete(reader: HFCheckpointReader, arch: LlamaArchitecture) -> None:
@@ -94,7 +77,8 @@ def hf_to_megatron(args) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model_dir = tmp / "iter_0000000" / "model"
     model_dir.mkdir(parents=True)
-    _write_sharded(list(hf_shapes(arch)), get, model_dir, DTYPES.get(args.dtype), args.max_shard_bytes)
+    dtype = DTYPES[args.dtype] if args.dtype else reader["model.norm.weight"].dtype
+    _write_sharded(arch, get, model_dir, dtype, args.max_shard_bytes)
     (model_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
     meta = {"iteration": 0, "consumed_samples": 0, "layout": {"tp": args.tp, "pp": args.pp, "world": 0},
             "config": {"converted_from": str(args.hf_dir), "tokenizer": str(tok), "init": args.init}}
@@ -119,7 +103,7 @@ def megatron_to_hf(args) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = DTYPES[args.dtype]
-    _write_sharded(list(hf_shapes(arch)), reader.__getitem__, tmp, dtype, args.max_shard_bytes)
+    _write_sharded(arch, reader.__getitem__, tmp, dtype, args.max_shard_bytes)
     config = arch.to_hf_config()
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -148,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--init", choices=INIT_METHODS, default="subword-mean")
     a.add_argument("--dtype", choices=list(DTYPES), help="cast (default: keep)")
     a.add_argument("--output", required=True)
-    a.add_argument("--max-shard-bytes", type=int, default=5 << 30)
+    a.add_argument("--max-shard-bytes", type=int, default=2 << 30)
     b = sub.add_parser("megatron-to-hf")
     b.add_argument("--checkpoint", required=True, help="run directory or iter_NNNNNNN directory")
     b.add_argument("--tokenizer-dir", required=True)
     b.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     b.add_argument("--output", required=True)
-    b.add_argument("--max-shard-bytes", type=int, default=5 << 30)
+    b.add_argument("--max-shard-bytes", type=int, default=2 << 30)
     args = parser.parse_args(argv)
     try:
         out = hf_to_megatron(args) if args.direction == "hf-to-megatron" else megatron_to_hf(args)

@@ -25,6 +25,17 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+class CorruptCheckpointError(ValueError):
+    """A safetensors file that cannot be read (truncated, say)."""
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, "pt")
+    except Exception as err:  # safetensors raises its own error type for damaged headers
+        raise CorruptCheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+
+
 class HFCheckpointReader:
     """Lazy access to the tensors of an HF checkpoint directory by name."""
 
@@ -34,8 +45,7 @@ class HFCheckpointReader:
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.directory / SINGLE_NAME).exists():
-            with safe_open(self.directory / SINGLE_NAME, "pt") as f:
-                weight_map = {k: SINGLE_NAME for k in f.keys()}
+            weight_map = {k: SINGLE_NAME for k in _open(self.directory / SINGLE_NAME).keys()}
         else:
             raise FileNotFoundError(f"{self.directory}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
         self.weight_map: dict[str, str] = weight_map
@@ -44,8 +54,7 @@ class HFCheckpointReader:
         shard = self.directory / self.weight_map[name]  # KeyError names the tensor
         if not shard.exists():
             raise FileNotFoundError(f"{shard}: shard listed in {INDEX_NAME} for {name} is missing")
-        with safe_open(shard, "pt") as f:
-            return f.get_tensor(name)
+        return _open(shard).get_tensor(name)
 
 
 def load_hf_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:

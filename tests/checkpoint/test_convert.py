@@ -1,0 +1,141 @@
+"""tools/convert_checkpoint.py: HF → megatron-adapt → (TP=2×PP=2 megatron-core) → HF, exact;
+stage-1 training shows in the export; bad checkpoints are refused and leave nothing complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from safetensors.torch import load_file
+
+from megatron_adapt.checkpoint.hf import HFCheckpointReader, save_hf_checkpoint
+from megatron_adapt.model.build import build_llama
+from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.resize import resizing_reader
+from megatron_adapt.training import checkpoint
+from megatron_adapt.training.step import forward_backward
+from tests.multiprocess import run_ranks
+from tools.convert_checkpoint import main as convert
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+def _rank_load_run_and_save(start: str, out_run: str, tokens: torch.Tensor) -> torch.Tensor | None:
+    source = checkpoint.latest(start)
+    model = build_llama(LlamaArchitecture.from_hf_config(source / "model"), seq_length=tokens.shape[1])
+    checkpoint.load(source, model)
+    captured: list[torch.Tensor] = []
+    forward_backward(model, [dict(tokens=tokens, labels=tokens)], forward_only=True,
+                     on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
+    target = Path(out_run) / "iter_0000001"
+    save_hf_checkpoint(model, target / "model")
+    if torch.distributed.get_rank() == 0:
+        (target / "meta.json").write_text(json.dumps({"iteration": 1}))
+        (Path(out_run) / "latest").write_text(target.name)
+    last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    return captured[0][..., : model.true_vocab_size] if last else None
+
+
+@pytest.mark.distributed
+def test_hf_to_megatron_tp2_pp2_to_hf(recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, tok_dir = recipe / "base_llama", recipe / "tokenizer"
+    start = tmp_path / "start"
+    assert convert(["hf-to-megatron", "--hf-dir", str(hf_dir), "--tokenizer-dir", str(tok_dir),
+                    "--base-tokenizer", str(recipe / "base_tokenizer" / "tokenizer.model"),
+                    "--tp", "2", "--pp", "2", "--output", str(start)]) == 0
+    tokens = torch.randint(0, 1500, (1, 24), generator=torch.Generator().manual_seed(0))
+    results = run_ranks(_rank_load_run_and_save, str(start), str(tmp_path / "run"), tokens, tp=2, pp=2)
+    release = tmp_path / "release"
+    assert convert(["megatron-to-hf", "--checkpoint", str(tmp_path / "run"), "--tokenizer-dir", str(tok_dir),
+                    "--dtype", "fp32", "--output", str(release)]) == 0
+
+    # Every tensor: the original where it existed, the subword-mean rows where it grew.
+    reader = HFCheckpointReader(hf_dir)
+    expected = resizing_reader(reader.__getitem__, str(recipe / "base_tokenizer" / "tokenizer.model"),
+                               str(tok_dir / "tokenizer.model"), "subword-mean")
+    exported = _tensors(release)
+    assert set(exported) == set(reader.weight_map)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, expected(name)), f"{name} changed on the way through megatron-core"
+    config = json.loads((release / "config.json").read_text())
+    original = json.loads((hf_dir / "config.json").read_text())
+    assert config["vocab_size"] == 1500 and all(config[k] == original[k] for k in
+                                                ("hidden_size", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps"))
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (release / name).read_bytes() == (tok_dir / name).read_bytes(), f"{name} differs"
+
+    model = AutoModelForCausalLM.from_pretrained(release, dtype=torch.float32)
+    with torch.no_grad():
+        reference = model(tokens).logits
+    (ours,) = [r for r in results if r is not None]
+    diff = (ours - reference).abs().max().item()
+    assert diff <= 1e-4, f"exported HF logits differ from megatron-core's (TP=2×PP=2) by {diff:.2e}"
+
+
+@pytest.mark.distributed
+def test_export_after_stage1_steps(recipe, tmp_path):
+    run = tmp_path / "stage1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_adapt.pretrain",
+           "--config", str(recipe / "config.yaml"), "--set", f"checkpoint.save={run}", "--set", "train.steps=3",
+           "--set", "train.freeze={train: new_vocab_rows}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    release = tmp_path / "release"
+    assert convert(["megatron-to-hf", "--checkpoint", str(run), "--tokenizer-dir", str(recipe / "tokenizer"),
+                    "--dtype", "fp32", "--output", str(release)]) == 0
+    exported = _tensors(release)
+    base = HFCheckpointReader(recipe / "base_llama")
+    init = resizing_reader(base.__getitem__, str(recipe / "base_tokenizer" / "tokenizer.model"),
+                           str(recipe / "tokenizer" / "tokenizer.model"), "subword-mean")
+    for name in base.weight_map:
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(exported[name][:1000], base[name]), f"stage 1 moved base rows of {name}"
+            assert not torch.equal(exported[name][1000:], init(name)[1000:]), f"new rows of {name} did not train"
+        else:
+            assert torch.equal(exported[name], base[name]), f"stage 1 changed {name}"
+
+
+def _complete_outputs(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if not p.name.startswith(".")] if directory.exists() else []
+
+
+def test_bad_inputs_are_refused(recipe, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    shutil.copytree(recipe / "base_llama", hf)
+    args = ["hf-to-megatron", "--hf-dir", str(hf), "--tokenizer-dir", str(recipe / "tokenizer"),
+            "--base-tokenizer", str(recipe / "base_tokenizer" / "tokenizer.model"), "--output", str(tmp_path / "out")]
+    assert convert(args + ["--tp", "3"]) == 2
+    assert "tensor parallel size 3 does not divide" in capsys.readouterr().err
+
+    shard = next(hf.glob("*.safetensors"))
+    index = {"metadata": {}, "weight_map": {k: shard.name for k in load_file(shard)}}
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert convert(args) == 2
+    assert "index has no entry for model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+
+    (hf / "model.safetensors.index.json").unlink()
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert convert(args) == 2
+    err = capsys.readouterr().err
+    assert shard.name in err, err
+    assert not _complete_outputs(tmp_path / "out"), "a refused conversion left output behind"
