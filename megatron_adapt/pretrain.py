@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from megatron_adapt.training.config import ConfigError, load_config
+from megatron_adapt.training.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,14 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron.core", "megatron.core.datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        config = load_config(args.config, args.set)
-        from megatron_adapt.training.loop import train
+    from megatron_adapt.training.loop import check_inputs, train
 
-        train(config)
-    except (ConfigError, FileNotFoundError) as err:
+    try:  # everything refusable is refused here, before any model is built
+        config = load_config(args.config, args.set)
+        checked = check_inputs(config)
+    except (ValueError, OSError) as err:  # ConfigError and the model/tokenizer checks are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
+    train(config, checked)
     return 0
 
 

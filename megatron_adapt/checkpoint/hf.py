@@ -23,6 +23,8 @@ from megatron_adapt.model.weights import export_hf_state, load_hf_state
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
 
 
 class CorruptCheckpointError(ValueError):
@@ -36,25 +38,46 @@ def _open(path: Path):
         raise CorruptCheckpointError(f"{path}: unreadable safetensors file ({err})") from None
 
 
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:  # memory-mapped: a shard's tensors are read from disk as they are used
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:
+        raise CorruptCheckpointError(f"{path}: unreadable PyTorch checkpoint ({err})") from None
+
+
 class HFCheckpointReader:
-    """Lazy access to the tensors of an HF checkpoint directory by name."""
+    """Lazy access to the tensors of an HF checkpoint directory by name.
+
+    Safetensors shards are opened per tensor; PyTorch ``.bin`` shards (older checkpoints) are
+    memory-mapped, one shard at a time.
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        index = self.directory / INDEX_NAME
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.directory / SINGLE_NAME).exists():
-            weight_map = {k: SINGLE_NAME for k in _open(self.directory / SINGLE_NAME).keys()}
+        self._bin_cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        for index_name, single in ((INDEX_NAME, SINGLE_NAME), (BIN_INDEX_NAME, BIN_SINGLE_NAME)):
+            if (self.directory / index_name).exists():
+                weight_map = json.loads((self.directory / index_name).read_text())["weight_map"]
+                break
+            if (self.directory / single).exists():
+                keys = _open(self.directory / single).keys() if single == SINGLE_NAME else \
+                    _load_bin(self.directory / single).keys()
+                weight_map = {k: single for k in keys}
+                break
         else:
-            raise FileNotFoundError(f"{self.directory}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+            raise FileNotFoundError(f"{self.directory}: no {INDEX_NAME}, {SINGLE_NAME}, {BIN_INDEX_NAME} "
+                                    f"or {BIN_SINGLE_NAME} found")
         self.weight_map: dict[str, str] = weight_map
 
     def __getitem__(self, name: str) -> torch.Tensor:
         shard = self.directory / self.weight_map[name]  # KeyError names the tensor
         if not shard.exists():
-            raise FileNotFoundError(f"{shard}: shard listed in {INDEX_NAME} for {name} is missing")
-        return _open(shard).get_tensor(name)
+            raise FileNotFoundError(f"{shard}: shard listed in the index for {name} is missing")
+        if shard.suffix != ".bin":
+            return _open(shard).get_tensor(name)
+        if self._bin_cache is None or self._bin_cache[0] != shard.name:
+            self._bin_cache = (shard.name, _load_bin(shard))
+        return self._bin_cache[1][name].clone()
 
 
 def load_hf_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:

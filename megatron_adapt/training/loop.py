@@ -67,11 +67,16 @@ def _source_checkpoint(config: Config) -> tuple[Path | None, bool]:
 def check_inputs(config: Config) -> tuple[LlamaArchitecture, Path | None, bool, int]:
     """Everything that can be refused before a model is built: (arch, source, resuming, base vocab)."""
     source, resuming = _source_checkpoint(config)
-    hf_config = (source / "model") if source else Path(config.model.hf_dir)
-    arch = LlamaArchitecture.from_hf_config(hf_config)
-    base_tokenizer = config.model.base_tokenizer or str(Path(config.model.hf_dir) / "tokenizer.model")
-    base_vocab = spm.SentencePieceProcessor(model_file=base_tokenizer).get_piece_size() \
-        if Path(base_tokenizer).exists() else arch.vocab_size
+    arch = LlamaArchitecture.from_hf_config((source / "model") if source else Path(config.model.hf_dir))
+    base_tokenizer = Path(config.model.base_tokenizer or Path(config.model.hf_dir) / "tokenizer.model")
+    if base_tokenizer.exists():
+        base_vocab = spm.SentencePieceProcessor(model_file=str(base_tokenizer)).get_piece_size()
+    elif source is None:
+        base_vocab = arch.vocab_size  # the HF checkpoint's own rows are the base vocabulary
+    elif config.train.freeze.train == "new_vocab_rows":
+        raise ConfigError(f"model.base_tokenizer: {base_tokenizer} does not exist; it tells which rows are new")
+    else:
+        base_vocab = arch.vocab_size
     if config.model.tokenizer:
         vocab = spm.SentencePieceProcessor(model_file=config.model.tokenizer).get_piece_size()
         if source is not None and vocab != arch.vocab_size:
@@ -139,9 +144,10 @@ class _Logger:
                 self.tb.add_scalar(key, value, step)
 
 
-def train(config: Config) -> dict:
-    """Run (or resume) the configured stage; returns the last metrics."""
-    arch, source, resuming, base_vocab = check_inputs(config)
+def train(config: Config, checked: tuple | None = None) -> dict:
+    """Run (or resume) the configured stage; returns the last metrics. ``checked`` is
+    ``check_inputs(config)`` when the caller has already run it."""
+    arch, source, resuming, base_vocab = checked or check_inputs(config)
     distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.data.seed)
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGUSR2, _request_stop)
@@ -156,7 +162,7 @@ def train(config: Config) -> dict:
     if source is None:
         reader = HFCheckpointReader(config.model.hf_dir)
         get = reader.__getitem__
-        if arch.vocab_size > base_vocab:
+        if arch.vocab_size > get("model.embed_tokens.weight").shape[0]:
             base_tokenizer = config.model.base_tokenizer or str(Path(config.model.hf_dir) / "tokenizer.model")
             get = resizing_reader(get, base_tokenizer, config.model.tokenizer, config.model.init_method)
         load_hf_state(model, get)
@@ -185,7 +191,7 @@ def train(config: Config) -> dict:
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     cache_dir = config.data.cache_dir or str(run_dir / "data_cache")
-    eval_rounds = config.train.steps // max(config.train.eval_interval, 1) + 1
+    eval_rounds = config.train.steps // config.train.eval_interval + 1 if config.train.eval_interval else 0
     train_set, valid_sets = build_datasets(
         load_blend(config.data.blend), config.data.seq_length, config.data.seed, config.data.split,
         config.train.steps * gbs, config.train.eval_steps * gbs * eval_rounds,

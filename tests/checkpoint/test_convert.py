@@ -139,3 +139,17 @@ def test_bad_inputs_are_refused(recipe, tmp_path, capsys):
     err = capsys.readouterr().err
     assert shard.name in err, err
     assert not _complete_outputs(tmp_path / "out"), "a refused conversion left output behind"
+
+
+def test_reads_pytorch_bin_shards(recipe, tmp_path):
+    """Older HF checkpoints: pytorch_model-*.bin with an index, read tensor for tensor the same."""
+    source = HFCheckpointReader(recipe / "base_llama")
+    names = sorted(source.weight_map)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for shard, members in halves.items():
+        torch.save({n: source[n] for n in members}, tmp_path / shard)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {n: shard for shard, members in halves.items() for n in members}}))
+    reader = HFCheckpointReader(tmp_path)
+    assert all(torch.equal(reader[n], source[n]) for n in names)

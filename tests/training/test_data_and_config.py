@@ -129,3 +129,32 @@ def test_shipped_configs_parse(name):
 
     config = _build(Config, yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml").read_text()))
     assert config.train.global_batch_size % config.train.micro_batch_size == 0
+
+
+def test_stage1_needs_the_base_tokenizer_to_find_new_rows(recipe, tmp_path):
+    run = tmp_path / "run" / "iter_0000001"
+    (run / "model").mkdir(parents=True)
+    cfg = json.loads((recipe / "base_llama" / "config.json").read_text())
+    (run / "model" / "config.json").write_text(json.dumps(dict(cfg, vocab_size=1500)))
+    (run / "meta.json").write_text("{}")
+    (tmp_path / "run" / "latest").write_text("iter_0000001")
+    config = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}",
+                                                  f"model.base_tokenizer={tmp_path / 'nope.model'}",
+                                                  "train.freeze={train: new_vocab_rows}"])
+    with pytest.raises(ConfigError, match="model.base_tokenizer: .*nope.model does not exist"):
+        check_inputs(config)
+
+
+def test_pretrain_refuses_an_unsupported_model_by_name(recipe, tmp_path, capsys):
+    import shutil
+
+    from megatron_adapt.pretrain import main
+
+    hf = tmp_path / "hf"
+    shutil.copytree(recipe / "base_llama", hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(cfg, hidden_act="gelu")))
+    assert main(["--config", str(recipe / "config.yaml"), "--set", f"model.hf_dir={hf}",
+                 "--set", f"checkpoint.save={tmp_path / 'run'}"]) == 2
+    assert "hidden_act='gelu'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists(), "a refused run created its run directory"
