@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,8 @@ def initialize(tp_size: int = 1, pp_size: int = 1, seed: int = 1234,
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    if init_method is None and world_size == 1 and "MASTER_ADDR" not in os.environ:
+        init_method = f"file://{tempfile.mkstemp(prefix='megatron-adapt-store-')[1]}"  # plain `python -m`
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method,
                                 rank=rank, world_size=world_size)

@@ -117,6 +117,8 @@ class Config:
                 raise ConfigError(f"{key}: {path} does not exist")
         if not self.data.blend:
             raise ConfigError("data.blend: a blend file is required")
+        if not 0 <= self.optim.warmup_steps < self.train.steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be below train.steps={self.train.steps}")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
 
