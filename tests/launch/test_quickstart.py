@@ -1,0 +1,34 @@
+"""The README's main-job command runs the whole recipe and leaves a loadable HF model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.distributed
+def test_quickstart_runs_the_whole_recipe():
+    proc = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"quickstart failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for step in range(1, 9):
+        assert f"== {step}/8" in proc.stdout, f"step {step} did not run"
+    run = ROOT / "runs" / "quickstart"
+    for stage in ("stage1", "stage2"):
+        losses = [json.loads(l)["loss"] for l in (run / stage / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        assert losses[-1] < losses[0], f"{stage}: training loss did not decrease ({losses})"
+    assert (run / "stage2" / "done").exists()
+    report = json.loads((run / "tokenizer" / "report.json").read_text())
+    assert report["unreachable_added"] == 0 and report["added"] > 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf_release")
+    model = AutoModelForCausalLM.from_pretrained(run / "hf_release")
+    assert model.config.vocab_size == len(tokenizer) == 2000 + report["added"]
+    assert "> Việt Nam là" in proc.stdout
