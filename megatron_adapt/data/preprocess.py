@@ -113,7 +113,7 @@ class _Progress:
             self.last_log = time.time()
             done = self.position / max(self.total, 1)
             eta = (time.time() - self.start) * (1 - done) / max(done, 1e-9)
-            log.info("%s: %.1f%% %d docs %,.0f tokens/s ETA %.0f s", self.name, 100 * done, self.docs, rate, eta)
+            log.info("%s: %.1f%% %d docs %.0f tokens/s ETA %.0f s", self.name, 100 * done, self.docs, rate, eta)
 
     def close(self) -> None:
         if self.bar is not None:

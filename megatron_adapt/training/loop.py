@@ -195,7 +195,7 @@ def train(config: Config, checked: tuple | None = None) -> dict:
     train_set, valid_sets = build_datasets(
         load_blend(config.data.blend), config.data.seq_length, config.data.seed, config.data.split,
         config.train.steps * gbs, config.train.eval_steps * gbs * eval_rounds,
-        DatasetTokenizer(arch.vocab_size, arch.eos_token_id if isinstance(arch.eos_token_id, int) else 2), cache_dir)
+        DatasetTokenizer(arch.vocab_size, _eod_id(config, arch)), cache_dir)
 
     holds_loss = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     logger = _Logger(config, holds_loss and dp_rank == 0)
@@ -243,6 +243,13 @@ def train(config: Config, checked: tuple | None = None) -> dict:
         (run_dir / "done").write_text(str(iteration))
     distributed.destroy()
     return metrics
+
+
+def _eod_id(config: Config, arch: LlamaArchitecture) -> int:
+    """The end-of-document id the data was preprocessed with (the tokenizer's EOS)."""
+    if config.model.tokenizer:
+        return spm.SentencePieceProcessor(model_file=config.model.tokenizer).eos_id()
+    return arch.eos_token_id if isinstance(arch.eos_token_id, int) else 2
 
 
 def _agree(flag: bool) -> bool:

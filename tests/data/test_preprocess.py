@@ -203,3 +203,15 @@ def test_blend_weights_follow_groups_and_tokens(tmp_path, viwiki_docs):
     assert len(vi) == 3 and sum(e.weight for e in entries) == pytest.approx(1.0)
     assert sum(e.weight for e in vi) == pytest.approx(100 / 140)
     assert vi[0].weight / vi[1].weight == pytest.approx(vi[0].tokens / vi[1].tokens)
+
+
+def test_progress_line_for_slurm_logs_renders(caplog):
+    """Without a terminal, progress is a log line every 30 s; it must format (no logging error)."""
+    from megatron_adapt.data.preprocess import _Progress
+
+    progress = _Progress("shard", 1000, enabled=False)
+    progress.last_log -= 31
+    progress.position = 250
+    with caplog.at_level("INFO", logger="megatron_adapt.data.preprocess"):
+        progress.update(docs=7, tokens=5000)
+    assert "shard: 25.0% 7 docs" in caplog.text and "tokens/s ETA" in caplog.text
