@@ -1,7 +1,7 @@
 """Continued pretraining on megatron-core: one loop for both stages, CPU (gloo) and GPU (NCCL).
 
 The model is megatron-core's GPTModel in its DistributedDataParallel wrapper with its optimizer
-(the distributed optimizer on GPUs), warmup + cosine LR (``OptimizerParamScheduler``) and global
+(mixed precision with fp32 master weights for bf16), warmup + cosine LR (``OptimizerParamScheduler``) and global
 gradient-norm clipping; micro-batches go through its pipeline schedule. Steps consume the global
 batch in a fixed order of sample indices, so the data position is one number (consumed samples)
 and a resumed run sees exactly the samples an uninterrupted one would.
@@ -170,13 +170,15 @@ def train(config: Config, checked: tuple | None = None) -> dict:
         checkpoint.load(source, model)
     apply_freeze_policy(model, config.train.freeze, base_vocab)
 
+    # Not the distributed optimizer yet: its Adam state lives outside state_dict() (megatron-core
+    # saves it through dist_checkpointing), and checkpoint.py saves state_dict() per rank.
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=torch.cuda.is_available())
+                                               use_distributed_optimizer=False)
     model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=config.optim.lr, min_lr=config.optim.min_lr, weight_decay=config.optim.weight_decay,
         adam_beta1=config.optim.adam_beta1, adam_beta2=config.optim.adam_beta2, clip_grad=config.optim.clip_grad,
-        bf16=config.optim.bf16, params_dtype=dtype, use_distributed_optimizer=torch.cuda.is_available()), [model])
+        bf16=config.optim.bf16, params_dtype=dtype, use_distributed_optimizer=False), [model])
     gbs = config.train.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=config.optim.lr, min_lr=config.optim.min_lr,
