@@ -153,3 +153,27 @@ def test_reads_pytorch_bin_shards(recipe, tmp_path):
         {"weight_map": {n: shard for shard, members in halves.items() for n in members}}))
     reader = HFCheckpointReader(tmp_path)
     assert all(torch.equal(reader[n], source[n]) for n in names)
+
+
+@pytest.mark.distributed
+def test_training_starts_from_a_converted_checkpoint(recipe, tmp_path):
+    start = tmp_path / "start"
+    assert convert(["hf-to-megatron", "--hf-dir", str(recipe / "base_llama"), "--tokenizer-dir", str(recipe / "tokenizer"),
+                    "--base-tokenizer", str(recipe / "base_tokenizer" / "tokenizer.model"), "--tp", "2",
+                    "--output", str(start)]) == 0
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_adapt.pretrain",
+           "--config", str(recipe / "config.yaml"), "--set", f"checkpoint.save={run}", "--set", f"model.init_from={start}",
+           "--set", "train.steps=3", "--set", "optim.warmup_steps=1", "--set", "train.freeze={train: new_vocab_rows}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "done").exists()
+    # Frozen weights after training are the converted ones: the run started from that checkpoint.
+    converted = _tensors(start / "iter_0000000" / "model")
+    trained = _tensors(run / (run / "latest").read_text().strip() / "model")
+    for name, tensor in converted.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(trained[name][:1000], tensor[:1000]), f"{name}: base rows differ from the conversion"
+        else:
+            assert torch.equal(trained[name], tensor), f"{name} differs from the converted checkpoint"
