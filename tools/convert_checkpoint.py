@@ -2,8 +2,7 @@
 
     python tools/convert_checkpoint.py hf-to-megatron --hf-dir Llama-2-7b-hf --tokenizer-dir tokenizers/vi \
         --tp 2 --pp 2 --init subword-mean --output runs/vi-start
-    python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/stage2 --tokenizer-dir tokenizers/vi \
-        --output release/vi-llama --dtype bf16
+    python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/stage2 --output release/vi-llama --dtype bf16
 
 A megatron-adapt checkpoint keeps its weights in HF tensor layout (one safetensors shard per
 pipeline stage), so both directions stream tensor by tensor through safetensors
@@ -89,6 +88,15 @@ def hf_to_megatron(args) -> Path:
     return out
 
 
+def _recorded_tokenizer_dir(checkpoint: Path) -> Path:
+    """The tokenizer a checkpoint was trained (or converted) with, from its meta.json."""
+    config = json.loads((checkpoint / "meta.json").read_text()).get("config", {})
+    model_file = config.get("model", {}).get("tokenizer") or config.get("tokenizer")
+    if not model_file:
+        raise FileNotFoundError(f"{checkpoint}/meta.json records no tokenizer; pass --tokenizer-dir")
+    return Path(model_file).parent
+
+
 def megatron_to_hf(args) -> Path:
     source = Path(args.checkpoint)
     if (source / "latest").exists():
@@ -110,7 +118,7 @@ def megatron_to_hf(args) -> Path:
     generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "do_sample": True,
                   "temperature": 0.7, "top_p": 0.9, "max_length": arch.max_position_embeddings}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    tok_dir = Path(args.tokenizer_dir)
+    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else _recorded_tokenizer_dir(source)
     for name in TOKENIZER_FILES:
         if not (tok_dir / name).exists():
             raise FileNotFoundError(f"{tok_dir / name}: tokenizer file missing (run tools/extend_tokenizer.py)")
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--max-shard-bytes", type=int, default=2 << 30)
     b = sub.add_parser("megatron-to-hf")
     b.add_argument("--checkpoint", required=True, help="run directory or iter_NNNNNNN directory")
-    b.add_argument("--tokenizer-dir", required=True)
+    b.add_argument("--tokenizer-dir", help="tools/extend_tokenizer.py output (default: the one in meta.json)")
     b.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     b.add_argument("--output", required=True)
     b.add_argument("--max-shard-bytes", type=int, default=2 << 30)
