@@ -26,17 +26,8 @@ from megatron_adapt import distributed
 from megatron_adapt.checkpoint.hf import HFCheckpointReader, load_hf_checkpoint, save_hf_checkpoint
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.tiny import make_tiny_llama
 from megatron_adapt.training.step import forward_backward
-
-
-def make_tiny_llama(directory: Path, seed: int = 0) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, vocab_size=3000,
-                         max_position_embeddings=512)
-    LlamaForCausalLM(config).save_pretrained(directory)
 
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -64,7 +55,7 @@ def main() -> None:
     distributed.initialize(args.tp, args.pp)
     hf_dir = args.hf_dir or str(work_dir / "tiny_llama_hf")
     if args.hf_dir is None and dist.get_rank() == 0:
-        make_tiny_llama(Path(hf_dir))
+        make_tiny_llama(hf_dir, vocab_size=3000, heads=8, kv_heads=4, max_positions=512)
     dist.barrier()
 
     arch = LlamaArchitecture.from_hf_config(hf_dir)

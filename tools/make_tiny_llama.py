@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from pathlib import Path
 
 import sentencepiece as spm
-import torch
+
+from megatron_adapt.model.tiny import make_tiny_llama
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,16 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-positions", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=sp.get_piece_size(), hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=args.max_positions,
-                         bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id())
-    out = Path(args.output)
-    LlamaForCausalLM(config).save_pretrained(out)
+    out = make_tiny_llama(args.output, sp.get_piece_size(), args.hidden, args.intermediate, args.layers, args.heads,
+                          args.kv_heads, args.max_positions, sp.bos_id(), sp.eos_id(), args.seed)
     shutil.copy(args.tokenizer, out / "tokenizer.model")
     print(f"written: {out} (vocab {sp.get_piece_size()}, hidden {args.hidden}, {args.layers} layers)")
     return 0

@@ -187,7 +187,7 @@ def load_hf_state(model: torch.nn.Module, get_tensor: Callable[[str], Tensor]) -
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
-        for name, param, _, rule in rules(model):
+        for _, param, _, rule in rules(model):
             tensors = []
             for hf_name in rule.hf_names:
                 try:
@@ -213,7 +213,7 @@ def export_hf_state(model: torch.nn.Module, use_grad: bool = False) -> dict[str,
     group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     out: dict[str, Tensor] = {}
-    for name, param, grad, rule in rules(model):
+    for _, param, grad, rule in rules(model):
         local = param
         if use_grad:
             local = grad()

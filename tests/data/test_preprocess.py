@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
-import os
 import signal
 import subprocess
 import sys

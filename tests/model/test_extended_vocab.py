@@ -107,13 +107,13 @@ def _rank_resize_freeze_train(hf_dir: str, base_file: str, new_file: str, tokens
                          on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
 
     trainable = apply_freeze_policy(model, FreezePolicy(train="new_vocab_rows"), base_vocab_size=BASE_VOCAB)
-    expected = 0
-    for name in ("embedding.word_embeddings", "output_layer"):
-        layer = model.get_submodule(name) if hasattr(model, name.split(".")[0]) else None
-        if layer is not None and layer.all_rows.numel():
-            rows = layer.all_rows.shape[0]
-            start = parallel_state.get_tensor_model_parallel_rank() * rows
-            expected += max(0, min(start + rows, new_vocab) - max(start, BASE_VOCAB)) * arch.hidden_size
+    expected = 0  # rows of this rank's vocabulary slices that fall in [base vocab, new vocab)
+    layers = [model.embedding.word_embeddings] if model.pre_process else []
+    layers += [model.output_layer] if model.post_process else []
+    for layer in layers:
+        rows = layer.all_rows.shape[0]
+        start = parallel_state.get_tensor_model_parallel_rank() * rows
+        expected += max(0, min(start + rows, new_vocab) - max(start, BASE_VOCAB)) * arch.hidden_size
     before = export_hf_state(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
