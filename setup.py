@@ -36,6 +36,7 @@ setup(
         "pyyaml",
         "zstandard",
         "pybind11>=2.12",
+        "psutil",  # megatron-core distributed checkpointing imports it
     ],
     extras_require={
         "test": ["pytest>=8"],

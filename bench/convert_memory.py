@@ -7,13 +7,15 @@ Makes a TinyLlama-1.1B-shaped checkpoint (bf16, 32000 vocab, shards of --shard-g
 weights, written tensor by tensor, then runs hf-to-megatron (growing the vocabulary to the
 extended tokenizer, subword-mean) and megatron-to-hf, each in its own process, and prints their
 wall time and peak RSS against the size of the largest input shard (target: RSS ≤ 2× shard).
+Each direction is measured in its own process. megatron-to-hf runs twice: from the converted start checkpoint (HF layout) and from a training
+checkpoint (megatron-core distributed checkpoint, saved here from the loaded start model).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -52,16 +54,29 @@ def make_random_llama(directory: Path, tokenizer: str, shard_bytes: int) -> int:
     return largest
 
 
+def save_training_checkpoint(start: Path, out: Path) -> None:
+    """A training checkpoint of the start model, as a run's first save would write it (run in a child)."""
+    from megatron_adapt import distributed
+    from megatron_adapt.model.build import build_llama
+    from megatron_adapt.training import checkpoint
+
+    distributed.initialize()
+    source = checkpoint.latest(start)
+    model = build_llama(LlamaArchitecture.from_hf_config(source), params_dtype=torch.bfloat16)
+    checkpoint.load(source, model)
+    checkpoint.save(out, 1, model)
+    distributed.destroy()
+
+
 def run(args: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in bytes) of one conversion in a fresh process."""
+    """(seconds, peak RSS in bytes) of one conversion in a fresh process (its own rusage, via wait4)."""
     start = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), *args], check=True,
-                   capture_output=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        print("warning: peak RSS not above an earlier child's; measure each direction in its own run")
-    return time.time() - start, peak * 1024
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"convert_checkpoint.py {' '.join(args)} failed")
+    return time.time() - start, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -71,7 +86,10 @@ def main() -> None:
     parser.add_argument("--tokenizer-dir", required=True, help="its extension (tools/extend_tokenizer.py)")
     parser.add_argument("--shard-gb", type=float, default=1.0)
     parser.add_argument("--direction", choices=["both", "hf-to-megatron", "megatron-to-hf"], default="both")
+    parser.add_argument("--save-training-checkpoint", nargs=2, metavar=("START", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_training_checkpoint:
+        return save_training_checkpoint(*map(Path, args.save_training_checkpoint))
     work = Path(args.work_dir)
     hf = work / "hf"
     largest = make_random_llama(hf, args.base_tokenizer, int(args.shard_gb * 2**30)) if not hf.exists() else \
@@ -82,12 +100,20 @@ def main() -> None:
         rows.append(("hf-to-megatron (+resize)", *run(["hf-to-megatron", "--hf-dir", str(hf), "--tokenizer-dir",
                                                          args.tokenizer_dir, "--output", str(work / "megatron")])))
     if args.direction in ("both", "megatron-to-hf"):
-        rows.append(("megatron-to-hf (bf16)", *run(["megatron-to-hf", "--checkpoint", str(work / "megatron"),
-                                                     "--tokenizer-dir", args.tokenizer_dir, "--output", str(work / "release")])))
+        rows.append(("megatron-to-hf, start ckpt", *run(["megatron-to-hf", "--checkpoint", str(work / "megatron"),
+                                                          "--tokenizer-dir", args.tokenizer_dir,
+                                                          "--output", str(work / "release")])))
+        shutil.rmtree(work / "trained", ignore_errors=True)
+        subprocess.run([sys.executable, __file__, "--work-dir", str(work), "--base-tokenizer", args.base_tokenizer,
+                        "--tokenizer-dir", args.tokenizer_dir, "--save-training-checkpoint", str(work / "megatron"),
+                        str(work / "trained")], check=True, capture_output=True)
+        rows.append(("megatron-to-hf, training ckpt", *run(["megatron-to-hf", "--checkpoint", str(work / "trained"),
+                                                             "--tokenizer-dir", args.tokenizer_dir,
+                                                             "--output", str(work / "release2")])))
     print(f"model: {params / 1e9:.2f}B parameters, bf16; largest input shard {largest / 2**30:.2f} GiB")
-    print(f"{'':28}{'seconds':>9}{'peak RSS GiB':>14}{'RSS / shard':>13}")
+    print(f"{'':31}{'seconds':>9}{'peak RSS GiB':>14}{'RSS / shard':>13}")
     for name, seconds, rss in rows:
-        print(f"{name:28}{seconds:>9.1f}{rss / 2**30:>14.2f}{rss / largest:>12.2f}x")
+        print(f"{name:31}{seconds:>9.1f}{rss / 2**30:>14.2f}{rss / largest:>12.2f}x")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
         --tp 2 --pp 2 --init subword-mean --output runs/vi-start
     python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/stage2 --output release/vi-llama --dtype bf16
 
-A megatron-adapt checkpoint keeps its weights in HF tensor layout (one safetensors shard per
-pipeline stage), so both directions stream tensor by tensor through safetensors
-(``checkpoint/streaming.py``): peak memory is about one tensor, not a shard or the model. Output is written under a temporary name and renamed, so
-an interrupted conversion leaves nothing that looks complete.
+Neither direction builds the model: peak memory is about one tensor (a layer's, for a training
+checkpoint), not a shard or the model. hf-to-megatron writes a start checkpoint whose weights stay
+in HF tensor layout (``iter_0000000/model/``, resized and streamed tensor by tensor through
+``checkpoint/streaming.py``), which training at any TP/PP starts from (``model.init_from``);
+training checkpoints are megatron-core distributed checkpoints, which megatron-to-hf reads one
+layer slice at a time (``checkpoint/dist_reader.py``). Output is written under a temporary name and
+renamed, so an interrupted conversion leaves nothing that looks complete.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from megatron_adapt import distributed
+from megatron_adapt.checkpoint.dist_reader import DistCheckpointReader
 from megatron_adapt.checkpoint.hf import INDEX_NAME, HFCheckpointReader
 from megatron_adapt.checkpoint.streaming import plan_shards, write_shard
 from megatron_adapt.model.config import LlamaArchitecture
@@ -78,8 +83,10 @@ def hf_to_megatron(args) -> Path:
     model_dir.mkdir(parents=True)
     dtype = DTYPES[args.dtype] if args.dtype else reader["model.norm.weight"].dtype
     _write_sharded(arch, get, model_dir, dtype, args.max_shard_bytes)
-    (model_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
+    for config_dir in (model_dir, model_dir.parent):  # HF's place, and where every checkpoint has it
+        (config_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
     meta = {"iteration": 0, "consumed_samples": 0, "layout": {"tp": args.tp, "pp": args.pp, "world": 0},
+            "contents": ["model"], "optimizer": None, "scheduler": None,
             "config": {"converted_from": str(args.hf_dir), "tokenizer": str(tok), "init": args.init}}
     (tmp / "iter_0000000" / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "latest").write_text("iter_0000000")
@@ -103,15 +110,24 @@ def megatron_to_hf(args) -> Path:
         source = source / (source / "latest").read_text().strip()
     if not (source / "meta.json").exists():
         raise FileNotFoundError(f"{source}: not a complete megatron-adapt checkpoint (no meta.json)")
-    reader = HFCheckpointReader(source / "model")
-    arch = LlamaArchitecture.from_hf_config(source / "model")
-    _check_complete(reader, arch)
     out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = DTYPES[args.dtype]
-    _write_sharded(arch, reader.__getitem__, tmp, dtype, args.max_shard_bytes)
+    if (source / "dist").exists():
+        distributed.initialize()
+        try:
+            reader = DistCheckpointReader(source)
+            _write_sharded(reader.arch, reader.__getitem__, tmp, dtype, args.max_shard_bytes)
+        finally:
+            distributed.destroy()
+        arch = reader.arch
+    else:  # a converted start checkpoint: HF layout already
+        hf_reader = HFCheckpointReader(source / "model")
+        arch = LlamaArchitecture.from_hf_config(source / "model")
+        _check_complete(hf_reader, arch)
+        _write_sharded(arch, hf_reader.__getitem__, tmp, dtype, args.max_shard_bytes)
     config = arch.to_hf_config()
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -135,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--hf-dir", required=True)
     a.add_argument("--tokenizer-dir", required=True, help="output of tools/extend_tokenizer.py")
     a.add_argument("--base-tokenizer", help="the checkpoint's tokenizer (default HF_DIR/tokenizer.model)")
-    a.add_argument("--tp", type=int, default=1)
-    a.add_argument("--pp", type=int, default=1)
     a.add_argument("--init", choices=INIT_METHODS, default="subword-mean")
     a.add_argument("--dtype", choices=list(DTYPES), help="cast (default: keep)")
     a.add_argument("--output", required=True)
     a.add_argument("--max-shard-bytes", type=int, default=2 << 30)
+    a.add_argument("--tp", type=int, default=1, help="checked to divide the heads (any layout can start from the output)")
+    a.add_argument("--pp", type=int, default=1, help="checked to divide the layers")
     b = sub.add_parser("megatron-to-hf")
     b.add_argument("--checkpoint", required=True, help="run directory or iter_NNNNNNN directory")
     b.add_argument("--tokenizer-dir", help="tools/extend_tokenizer.py output (default: the one in meta.json)")

@@ -19,6 +19,7 @@ import logging
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,42 @@ def split_vocab_rows(layer: torch.nn.Module, vocab_start: int, first_trainable: 
     all_rows = weight.data
     del layer._parameters["weight"]
     layer.register_buffer("all_rows", all_rows, persistent=True)
+    # Trainable even with no rows (a slice without added tokens): every TP rank must build the
+    # same autograd graph, or the backward pass's collectives would not pair up.
     layer.trainable_rows = torch.nn.Parameter(all_rows[start:stop], requires_grad=True)
     for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
         if hasattr(weight, attr):
             setattr(layer.trainable_rows, attr, getattr(weight, attr))
     layer.trainable_span = (start, stop)
+    layer.new_rows_span = (first_trainable, end_trainable)
+    layer.vocab_start = vocab_start
     layer.__class__ = type(f"RowSplit{type(layer).__name__}", (_RowSplitMixin, type(layer)), {})
     layer._register_state_dict_hook(_state_dict_hook)
-    layer._register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
+    layer._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
     return stop - start
+
+
+def trainable_row_shards(model: torch.nn.Module) -> dict[str, ShardedTensor]:
+    """Where each row-split layer's trainable rows sit in the checkpoint, for the optimizer.
+
+    megatron-core finds a parameter's optimizer state a home by looking the parameter up in the
+    model's sharded state dict; ``trainable_rows`` is not there (the model saves one ``weight``).
+    Its state is keyed as a slice of a global tensor of all added rows, which is the same for every
+    TP layout, so stage-1 optimizer state reshards like any other.
+    """
+    shards = {}
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, _RowSplitMixin):
+            continue
+        rows = layer.trainable_rows
+        first, end = layer.new_rows_span
+        offset = min(max(layer.vocab_start + layer.trainable_span[0] - first, 0), end - first)  # empty: clamped
+        shards[f"{name}.trainable_rows"] = ShardedTensor(
+            key=f"{name}.weight.added_rows", data=rows, dtype=rows.dtype, local_shape=tuple(rows.shape),
+            global_shape=(end - first, rows.shape[1]), global_offset=(offset, 0), axis_fragmentations=None,
+            replica_id=(0, 0, dp_rank))
+    return shards
 
 
 @dataclasses.dataclass

@@ -125,6 +125,20 @@ def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable,
         yield name, param, grad, Rule(tuple(prefix + s for s in hf_suffixes), layout)
 
 
+def checkpoint_rules(arch: LlamaArchitecture) -> Iterator[tuple[str, int | None, Rule]]:
+    """(distributed-checkpoint key, layer or None, rule) for every tensor of the whole model.
+
+    megatron-core's distributed checkpoint stores each layer tensor for all layers as one global
+    tensor with a leading layer axis, under its TransformerEngine name (the local spec maps its
+    layer-norm names onto those), and every tensor unsharded (as at TP=1).
+    """
+    for name, rule in _TOP_RULES.items():
+        yield name, None, rule
+    for i in range(arch.num_layers):
+        for suffix, (hf_suffixes, layout) in _LAYER_RULES.items():
+            yield f"decoder.layers.{suffix}", i, Rule(tuple(f"model.layers.{i}.{s}" for s in hf_suffixes), layout)
+
+
 # --- HF → this rank's shard -----------------------------------------------------------------------
 
 def shard_from_hf(rule: Rule, tensors: list[Tensor], arch: LlamaArchitecture,

@@ -1,16 +1,23 @@
-"""Training checkpoints that a kill cannot corrupt, resumable exactly or at another layout.
+"""Training checkpoints on megatron-core distributed checkpointing, marked complete last.
 
-    RUN/iter_0000500/model/      weights in HF layout (safetensors per pipeline stage + index):
-                                 independent of TP/PP, so any layout can load them
-    RUN/iter_0000500/rank_00003.pt   this rank's optimizer, LR schedule and RNG states
-    RUN/iter_0000500/meta.json   iteration, consumed samples, layout — written last
-    RUN/latest                   name of the newest complete checkpoint, replaced atomically
+    RUN/iter_0000500/dist/        megatron-core distributed checkpoint (torch_dist): the weights,
+                                  the optimizer (fp32 master weights, Adam moments; sharded the
+                                  same way with or without the distributed optimizer) and each
+                                  rank's RNG states
+    RUN/iter_0000500/config.json  the model's HF config: what the next run and the tools read
+                                  before they build anything
+    RUN/iter_0000500/meta.json    iteration, consumed samples, LR schedule, layout — written last
+    RUN/latest                    name of the newest complete checkpoint, replaced atomically
 
-Everything is written into ``iter_N.tmp`` and renamed once every rank has finished, then
-``latest`` moves. A killed save leaves only a ``.tmp`` directory, which the next save removes.
-Resuming at the saved layout restores model, optimizer, schedule, data position and RNG exactly;
-at another TP/PP layout the weights, schedule and data position are restored and the optimizer
-state starts fresh (its shards follow the old layout), which is logged.
+Every tensor is stored as a slice of its global (unsharded) tensor, so a checkpoint loads at any
+TP/PP/DP layout with its optimizer state; only the RNG states, which belong to ranks, are
+restored just at the layout they were saved from. Everything is written into ``iter_N.tmp`` and
+renamed once every rank has finished; a killed save leaves only a ``.tmp`` directory, which the
+next save removes.
+
+A start checkpoint from ``tools/convert_checkpoint.py hf-to-megatron`` has ``model/`` (weights in
+HF layout, which the converter streams without building the model) instead of ``dist/``; runs
+start from it through ``model.init_from`` and never resume from it.
 """
 
 from __future__ import annotations
@@ -26,9 +33,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from megatron_adapt.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
+from megatron_adapt.checkpoint.hf import load_hf_checkpoint
+from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.freeze import trainable_row_shards
 from megatron_adapt.training.step import unwrap
 
 log = logging.getLogger(__name__)
@@ -68,23 +87,60 @@ def latest(run_dir: str | Path) -> Path | None:
     return path
 
 
-def save(run_dir: str | Path, iteration: int, model, optimizer, scheduler, consumed_samples: int,
-         config: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank writes its part; global rank 0 completes the checkpoint."""
+def _rng_object() -> ShardedObject:
+    return ShardedObject("rng_state", rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+# The distributed optimizer's one layout that reshards across TP/PP as well as DP (megatron-core
+# 0.16 refuses its older default, and 'dp_reshardable' keeps the TP/PP layout).
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def sharded_state(model, optimizer=None, with_rng: bool = False, loading: bool = False) -> dict[str, Any]:
+    """What a checkpoint holds for this rank, as megatron-core sharded tensors and objects."""
+    module = unwrap(model)
+    state: dict[str, Any] = {"model": module.sharded_state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"] | trainable_row_shards(module),
+                                                          is_loading=loading, metadata=_OPTIMIZER_FORMAT)
+    if with_rng:
+        state["rng"] = _rng_object()
+    return state
+
+
+def _dp_group():
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def write_dist(state: dict[str, Any], directory: Path) -> None:
+    """Collective: save ``state`` with the replicated tensors' writes spread over DP ranks."""
+    strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
+    dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
+
+
+def save(run_dir: str | Path, iteration: int, model, optimizer=None, scheduler=None, consumed_samples: int = 0,
+         config: dict[str, Any] | None = None, keep: int = 0) -> Path:
+    """Collective: every rank writes its part; global rank 0 completes the checkpoint.
+
+    Without an optimizer only the weights are saved: a checkpoint to start a stage from.
+    """
     run_dir = Path(run_dir)
     final = run_dir / f"iter_{iteration:07d}"
     tmp = run_dir / f"iter_{iteration:07d}.tmp"
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        (tmp / "dist").mkdir(parents=True)
     dist.barrier()
-    save_hf_checkpoint(unwrap(model), tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / f"rank_{rank:05d}.pt")
-    dist.barrier()
+    resumable = optimizer is not None
+    write_dist(sharded_state(model, optimizer, with_rng=resumable), tmp / "dist")
     if rank == 0:
-        meta = {"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout(), "config": config}
+        arch: LlamaArchitecture = unwrap(model).architecture
+        (tmp / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
+        meta = {"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout(),
+                "contents": ["model", "optimizer", "rng"] if resumable else ["model"],
+                "optimizer": optimizer_kind(optimizer) if resumable else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None, "config": config or {}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         os.replace(tmp, final)
         pointer_tmp = run_dir / ".latest.tmp"
@@ -101,21 +157,39 @@ def save(run_dir: str | Path, iteration: int, model, optimizer, scheduler, consu
     return final
 
 
+def optimizer_kind(optimizer) -> str:
+    """'distributed' (state sharded over DP) or 'replicated': their checkpoints do not mix."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])[0]
+    return "distributed" if isinstance(inner, DistributedOptimizer) else "replicated"
+
+
 def load(path: Path, model, optimizer=None, scheduler=None) -> dict[str, Any]:
-    """Restore a checkpoint into a built model (and optimizer/scheduler); returns its meta."""
+    """Restore a checkpoint into a built model (and optimizer/scheduler); returns its meta.
+
+    The model alone is what a new stage starts from; with the optimizer it is a resume.
+    """
     meta = json.loads((path / "meta.json").read_text())
-    load_hf_checkpoint(unwrap(model), path / "model")
+    if not (path / "dist").exists():  # a converted start (tools/convert_checkpoint.py): HF layout
+        if optimizer is not None:
+            raise FileNotFoundError(f"{path} holds no optimizer state (a converted checkpoint): "
+                                    "start from it with model.init_from instead of resuming")
+        load_hf_checkpoint(unwrap(model), path / "model")
+        return meta
+    same_layout = meta["layout"] == _layout()
+    state = sharded_state(model, optimizer, with_rng=optimizer is not None and same_layout, loading=True)
+    if optimizer is not None and "optimizer" not in meta["contents"]:
+        raise FileNotFoundError(f"{path} holds no optimizer state: start from it with model.init_from")
+    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path / "dist")), _dp_group())
+    loaded = dist_checkpointing.load(state, str(path / "dist"), sharded_strategy=strategy)
+    unwrap(model).load_state_dict(loaded["model"])
     if optimizer is None:
         return meta
-    if meta["layout"] == _layout():
-        state = torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    if same_layout:
+        set_rng_state(loaded["rng"])
     else:
-        log.warning("checkpoint layout %s differs from this run's %s: weights, LR schedule and data position "
-                    "restored; optimizer state starts fresh", meta["layout"], _layout())
-        state = torch.load(path / "rank_00000.pt", weights_only=False)
-        scheduler.load_state_dict(state["scheduler"])
+        log.warning("checkpoint layout %s differs from this run's %s: weights, optimizer state, LR schedule and "
+                    "data position restored; RNG streams start from the seed", meta["layout"], _layout())
     return meta
 

@@ -25,7 +25,11 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -67,7 +71,7 @@ def _source_checkpoint(config: Config) -> tuple[Path | None, bool]:
 def check_inputs(config: Config) -> tuple[LlamaArchitecture, Path | None, bool, int]:
     """Everything that can be refused before a model is built: (arch, source, resuming, base vocab)."""
     source, resuming = _source_checkpoint(config)
-    arch = LlamaArchitecture.from_hf_config((source / "model") if source else Path(config.model.hf_dir))
+    arch = LlamaArchitecture.from_hf_config(source if source else Path(config.model.hf_dir))
     base_tokenizer = Path(config.model.base_tokenizer or Path(config.model.hf_dir) / "tokenizer.model")
     if base_tokenizer.exists():
         base_vocab = spm.SentencePieceProcessor(model_file=str(base_tokenizer)).get_piece_size()
@@ -86,6 +90,12 @@ def check_inputs(config: Config) -> tuple[LlamaArchitecture, Path | None, bool, 
             raise ConfigError(f"model.tokenizer: {config.model.tokenizer} has {vocab} pieces, fewer than "
                               f"{config.model.hf_dir}'s {arch.vocab_size}")
         arch = arch.with_vocab_size(vocab)
+    if resuming:
+        saved = json.loads((source / "meta.json").read_text()).get("optimizer")
+        planned = "distributed" if _use_distributed_optimizer() else "replicated"
+        if saved and saved != planned:
+            raise ConfigError(f"{source} was saved by the {saved} optimizer, this run uses the {planned} one "
+                              "(their states differ in form): resume on the same kind of machine")
     load_blend(config.data.blend)  # names any missing data prefix
     arch.check_parallel_layout(config.parallel.tp, config.parallel.pp)
     return arch, source, resuming, base_vocab
@@ -170,15 +180,14 @@ def train(config: Config, checked: tuple | None = None) -> dict:
         checkpoint.load(source, model)
     apply_freeze_policy(model, config.train.freeze, base_vocab)
 
-    # Not the distributed optimizer yet: its Adam state lives outside state_dict() (megatron-core
-    # saves it through dist_checkpointing), and checkpoint.py saves state_dict() per rank.
+    sharded_optimizer = _use_distributed_optimizer()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+                                               use_distributed_optimizer=sharded_optimizer)
     model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=config.optim.lr, min_lr=config.optim.min_lr, weight_decay=config.optim.weight_decay,
         adam_beta1=config.optim.adam_beta1, adam_beta2=config.optim.adam_beta2, clip_grad=config.optim.clip_grad,
-        bf16=config.optim.bf16, params_dtype=dtype, use_distributed_optimizer=False), [model])
+        bf16=config.optim.bf16, params_dtype=dtype, use_distributed_optimizer=sharded_optimizer), [model])
     gbs = config.train.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=config.optim.lr, min_lr=config.optim.min_lr,
@@ -245,6 +254,18 @@ def train(config: Config, checked: tuple | None = None) -> dict:
         (run_dir / "done").write_text(str(iteration))
     distributed.destroy()
     return metrics
+
+
+def _use_distributed_optimizer() -> bool:
+    """Shard optimizer state over DP ranks where megatron-core's distributed optimizer works whole:
+    on GPUs (it takes CUDA tensors only) with TransformerEngine or apex (without them it cannot
+    load its own checkpoints: it reads Adam's step from state that does not exist yet)."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    use = torch.cuda.is_available() and HAVE_APEX_OR_TE
+    log.info("optimizer: %s", "distributed, state sharded over DP" if use else
+             "state replicated over DP (the distributed optimizer needs CUDA and TransformerEngine or apex)")
+    return use
 
 
 def _eod_id(config: Config, arch: LlamaArchitecture) -> int:

@@ -1,5 +1,8 @@
 """tools/convert_checkpoint.py: HF → megatron-adapt → (TP=2×PP=2 megatron-core) → HF, exact;
-stage-1 training shows in the export; bad checkpoints are refused and leave nothing complete."""
+stage-1 training shows in the export; bad checkpoints are refused and leave nothing complete.
+
+The tool runs as users run it, in its own process (it joins a one-process torch.distributed group).
+"""
 
 from __future__ import annotations
 
@@ -16,16 +19,27 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from safetensors.torch import load_file
 
-from megatron_adapt.checkpoint.hf import HFCheckpointReader, save_hf_checkpoint
+from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.resize import resizing_reader
 from megatron_adapt.training import checkpoint
 from megatron_adapt.training.step import forward_backward
 from tests.multiprocess import run_ranks
-from tools.convert_checkpoint import main as convert
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), *args], cwd=ROOT,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True, text=True)
+
+
+def convert(args: list[str]) -> int:
+    """Run the tool; on failure its stderr is the assertion message."""
+    proc = _convert(*args)
+    assert proc.returncode == 0, f"convert_checkpoint {args[0]} failed:\n{proc.stderr[-3000:]}"
+    return proc.returncode
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -37,16 +51,12 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def _rank_load_run_and_save(start: str, out_run: str, tokens: torch.Tensor) -> torch.Tensor | None:
     source = checkpoint.latest(start)
-    model = build_llama(LlamaArchitecture.from_hf_config(source / "model"), seq_length=tokens.shape[1])
+    model = build_llama(LlamaArchitecture.from_hf_config(source), seq_length=tokens.shape[1])
     checkpoint.load(source, model)
     captured: list[torch.Tensor] = []
     forward_backward(model, [dict(tokens=tokens, labels=tokens)], forward_only=True,
                      on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
-    target = Path(out_run) / "iter_0000001"
-    save_hf_checkpoint(model, target / "model")
-    if torch.distributed.get_rank() == 0:
-        (target / "meta.json").write_text(json.dumps({"iteration": 1}))
-        (Path(out_run) / "latest").write_text(target.name)
+    checkpoint.save(out_run, 1, model)  # saved from TP=2×PP=2, exported by one process
     last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     return captured[0][..., : model.true_vocab_size] if last else None
 
@@ -112,32 +122,39 @@ def test_export_after_stage1_steps(recipe, tmp_path):
         else:
             assert torch.equal(exported[name], base[name]), f"stage 1 changed {name}"
 
+    saved = run / (run / "latest").read_text().strip()  # a config that does not match what is stored
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=3)))
+    refused = _convert("megatron-to-hf", "--checkpoint", str(run), "--output", str(tmp_path / "bad"))
+    assert refused.returncode == 2 and "2 layers stored, config.json says 3" in refused.stderr, refused.stderr[-2000:]
+    assert not _complete_outputs(tmp_path / "bad")
+
 
 def _complete_outputs(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if not p.name.startswith(".")] if directory.exists() else []
 
 
-def test_bad_inputs_are_refused(recipe, tmp_path, capsys):
+def test_bad_inputs_are_refused(recipe, tmp_path):
     hf = tmp_path / "hf"
     shutil.copytree(recipe / "base_llama", hf)
     args = ["hf-to-megatron", "--hf-dir", str(hf), "--tokenizer-dir", str(recipe / "tokenizer"),
             "--base-tokenizer", str(recipe / "base_tokenizer" / "tokenizer.model"), "--output", str(tmp_path / "out")]
-    assert convert(args + ["--tp", "3"]) == 2
-    assert "tensor parallel size 3 does not divide" in capsys.readouterr().err
+    refused = _convert(*args, "--tp", "3")
+    assert refused.returncode == 2 and "tensor parallel size 3 does not divide" in refused.stderr, refused.stderr[-2000:]
 
     shard = next(hf.glob("*.safetensors"))
     index = {"metadata": {}, "weight_map": {k: shard.name for k in load_file(shard)}}
     del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     (hf / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert convert(args) == 2
-    assert "index has no entry for model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+    refused = _convert(*args)
+    assert refused.returncode == 2 and "index has no entry for model.layers.1.mlp.up_proj.weight" in refused.stderr, \
+        refused.stderr[-2000:]
 
     (hf / "model.safetensors.index.json").unlink()
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    assert convert(args) == 2
-    err = capsys.readouterr().err
-    assert shard.name in err, err
+    refused = _convert(*args)
+    assert refused.returncode == 2 and shard.name in refused.stderr, refused.stderr[-2000:]
     assert not _complete_outputs(tmp_path / "out"), "a refused conversion left output behind"
 
 
@@ -159,7 +176,7 @@ def test_reads_pytorch_bin_shards(recipe, tmp_path):
 def test_training_starts_from_a_converted_checkpoint(recipe, tmp_path):
     start = tmp_path / "start"
     assert convert(["hf-to-megatron", "--hf-dir", str(recipe / "base_llama"), "--tokenizer-dir", str(recipe / "tokenizer"),
-                    "--base-tokenizer", str(recipe / "base_tokenizer" / "tokenizer.model"), "--tp", "2",
+                    "--base-tokenizer", str(recipe / "base_tokenizer" / "tokenizer.model"),
                     "--output", str(start)]) == 0
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_adapt.pretrain",
@@ -170,8 +187,10 @@ def test_training_starts_from_a_converted_checkpoint(recipe, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "done").exists()
     # Frozen weights after training are the converted ones: the run started from that checkpoint.
-    converted = _tensors(start / "iter_0000000" / "model")
-    trained = _tensors(run / (run / "latest").read_text().strip() / "model")
+    for name in ("start", "run"):
+        convert(["megatron-to-hf", "--checkpoint", str(tmp_path / name), "--tokenizer-dir", str(recipe / "tokenizer"),
+                 "--dtype", "fp32", "--output", str(tmp_path / f"{name}_hf")])
+    converted, trained = _tensors(tmp_path / "start_hf"), _tensors(tmp_path / "run_hf")
     for name, tensor in converted.items():
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             assert torch.equal(trained[name][:1000], tensor[:1000]), f"{name}: base rows differ from the conversion"

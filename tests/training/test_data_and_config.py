@@ -108,14 +108,25 @@ def test_missing_data_prefix_is_named(recipe, tmp_path):
         check_inputs(config)
 
 
+def _fake_checkpoint(recipe, run, vocab_size: int, optimizer: str = "replicated") -> None:
+    """What check_inputs reads of a run's latest checkpoint (its config and meta), nothing more."""
+    (run / "iter_0000001").mkdir(parents=True)
+    cfg = json.loads((recipe / "base_llama" / "config.json").read_text())
+    (run / "iter_0000001" / "config.json").write_text(json.dumps(dict(cfg, vocab_size=vocab_size)))
+    (run / "iter_0000001" / "meta.json").write_text(json.dumps({"optimizer": optimizer}))
+    (run / "latest").write_text("iter_0000001")
+
+
+def test_resume_with_another_kind_of_optimizer_is_refused(recipe, tmp_path):
+    _fake_checkpoint(recipe, tmp_path / "run", vocab_size=1500, optimizer="distributed")
+    config = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="saved by the distributed optimizer, this run uses the replicated"):
+        check_inputs(config)
+
+
 def test_tokenizer_that_does_not_match_the_checkpoint(recipe, tmp_path):
     # resume-style check: a run whose checkpoint has another vocabulary size than the tokenizer
-    run = tmp_path / "run" / "iter_0000001"
-    (run / "model").mkdir(parents=True)
-    cfg = json.loads((recipe / "base_llama" / "config.json").read_text())
-    (run / "model" / "config.json").write_text(json.dumps(cfg))
-    (run / "meta.json").write_text("{}")
-    (tmp_path / "run" / "latest").write_text("iter_0000001")
+    _fake_checkpoint(recipe, tmp_path / "run", vocab_size=1000)
     config = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=r"model.tokenizer: .* has 1500 pieces but checkpoint .* has 1000"):
         check_inputs(config)
@@ -132,12 +143,7 @@ def test_shipped_configs_parse(name):
 
 
 def test_stage1_needs_the_base_tokenizer_to_find_new_rows(recipe, tmp_path):
-    run = tmp_path / "run" / "iter_0000001"
-    (run / "model").mkdir(parents=True)
-    cfg = json.loads((recipe / "base_llama" / "config.json").read_text())
-    (run / "model" / "config.json").write_text(json.dumps(dict(cfg, vocab_size=1500)))
-    (run / "meta.json").write_text("{}")
-    (tmp_path / "run" / "latest").write_text("iter_0000001")
+    _fake_checkpoint(recipe, tmp_path / "run", vocab_size=1500)
     config = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}",
                                                   f"model.base_tokenizer={tmp_path / 'nope.model'}",
                                                   "train.freeze={train: new_vocab_rows}"])

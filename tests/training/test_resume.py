@@ -1,6 +1,6 @@
 """A run stopped by SIGTERM (as Slurm's warning arrives through torchrun) saves, exits, and the
-rerun continues with exactly the losses of an uninterrupted run; at another TP size it continues
-close to them."""
+rerun continues with exactly the losses of an uninterrupted run; at another TP size (optimizer
+state resharded by megatron-core's distributed checkpointing) it continues within float rounding."""
 
 from __future__ import annotations
 
@@ -63,22 +63,26 @@ def test_sigterm_then_resume_is_bit_identical(recipe, tmp_path):
     assert (run / "done").exists()
 
 
-# Resuming TP=2 weights at TP=1 restores weights, schedule and data position but starts Adam's
-# moments afresh, so the next losses move by the size of a few re-warmed updates: 2% of the loss.
-TP_CHANGE_TOLERANCE = 0.02
+# At TP=1 the matmuls that TP=2 splits over two ranks run whole, so sums are taken in another order:
+# the same run up to float32 rounding. (On the tiny test model the losses came out bit-identical.)
+TP_CHANGE_TOLERANCE = 1e-5
 
 
 @pytest.mark.distributed
-def test_resume_at_another_tensor_parallel_size(recipe, tmp_path):
+@pytest.mark.parametrize("stage", ["all", "new_vocab_rows"])
+def test_resume_at_another_tensor_parallel_size(recipe, tmp_path, stage):
+    """Stage 1 covers the optimizer state of the added rows, which is keyed apart from the weights."""
+    freeze = f"train.freeze={{train: {stage}}}"
     reference = tmp_path / "reference"
-    _run(recipe, reference, 2)
+    _run(recipe, reference, 2, freeze)
     expected = _losses(reference)
     run = tmp_path / "resharded"
-    _run(recipe, run, 2, "train.steps=10", stop_after_step=5)
+    _run(recipe, run, 2, freeze, stop_after_step=5)
     saved = int((run / "latest").read_text().strip().split("_")[1])
-    _run(recipe, run, 1, "parallel.tp=1")
+    _run(recipe, run, 1, freeze, "parallel.tp=1")
     got = _losses(run)
+    assert saved < 10 and len(got) == 10, f"saved at step {saved}, losses for steps {sorted(got)}"
     for step in range(saved + 1, 11):
         rel = abs(got[step] - expected[step]) / expected[step]
         assert rel <= TP_CHANGE_TOLERANCE and math.isfinite(got[step]), \
-            f"step {step}: TP=1 resume loss {got[step]:.4f} vs {expected[step]:.4f} ({rel:.2%})"
+            f"step {step}: TP=1 resume loss {got[step]:.6f} vs {expected[step]:.6f} ({rel:.2e}): optimizer state lost?"
