@@ -1,10 +1,14 @@
-"""Output projection + cross entropy, forward + backward: blocked (no logits) vs unfused PyTorch.
+"""Output projection + cross entropy, forward + backward: the fused op (no logits) vs unfused PyTorch.
 
-    python bench/linear_cross_entropy.py --tokens 2048 --hidden 1024 --vocab 48000 --trainable 16000
+    python bench/linear_cross_entropy.py                      # CPU: the C++ op, fp32
+    python bench/linear_cross_entropy.py --device cuda --dtype bf16 --hidden 4096 \\
+        --tokens 8192 16384 32768                              # GPU: the Triton kernels (+ Liger if installed)
 
-Each variant runs in a fresh process (peak RSS is per process, ``ru_maxrss``, minus the RSS before
-the first step); time is the median of --repeats steps after one warm-up. "stage 1" gives the
-weight gradient for the last --trainable rows only (the added vocabulary); "stage 2" for all rows.
+Each variant runs in a fresh process. Extra memory is what one forward + backward adds on top of
+its inputs: on CUDA ``max_memory_allocated`` above the allocation before the step, on CPU the
+process's peak RSS above its RSS before the first step. Time is the median of --repeats steps
+after one warm-up. "stage1" computes the weight gradient for the last --trainable rows only (the
+added vocabulary), "stage2" for all rows; the unfused path and Liger always compute all rows.
 """
 
 from __future__ import annotations
@@ -19,66 +23,98 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def child(variant: str, n: int, h: int, v: int, trainable: int, repeats: int) -> None:
+def child(variant: str, n: int, h: int, v: int, trainable: int, repeats: int, device: str, dtype_name: str) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
     from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy
 
+    dtype = getattr(torch, DTYPES[dtype_name])
     torch.manual_seed(0)
-    hidden = torch.randn(n, h) * 0.5
-    weight = torch.randn(v, h) * 0.02
-    labels = torch.randint(0, v, (n,))
+    hidden = (torch.randn(n, h) * 0.5).to(device, dtype)
+    weight = (torch.randn(v, h) * 0.02).to(device, dtype)
+    labels = torch.randint(0, v, (n,), device=device)
     span = (v - trainable, v) if variant.endswith("stage1") else (0, v)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if variant == "liger":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
     def step() -> None:
         h_ = hidden.clone().requires_grad_()
-        if variant.startswith("unfused"):
+        if variant == "unfused":
             w = weight.clone().requires_grad_()
             loss = torch.nn.functional.cross_entropy((h_ @ w.T).float(), labels, reduction="sum")
+        elif variant == "liger":
+            w = weight.clone().requires_grad_()
+            loss = liger(w, h_, labels)
         else:
             w = torch.nn.Parameter(weight[span[0]:span[1]].clone())
             loss = linear_cross_entropy(h_, w, weight, labels, 0, v, span).sum()
         loss.backward()
 
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-    print(json.dumps({"seconds": statistics.median(times), "extra_mib": peak / 1024}))
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": statistics.median(times), "extra_mib": (peak - base) / 2**20}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=48000)
     parser.add_argument("--trainable", type=int, default=16000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.tokens, args.hidden, args.vocab, args.trainable, args.repeats)
-    results = {}
-    for variant in ("unfused", "blocked-stage2", "blocked-stage1"):
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens), "--hidden",
-                              str(args.hidden), "--vocab", str(args.vocab), "--trainable", str(args.trainable),
-                              "--repeats", str(args.repeats)], check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
-    logits_mib = args.tokens * args.vocab * 4 / 2**20
-    print(f"N={args.tokens} H={args.hidden} V={args.vocab} (trainable {args.trainable}), fp32; "
-          f"logits alone = {logits_mib:.0f} MiB")
-    print(f"{'':18}{'fwd+bwd s':>11}{'extra MiB':>11}{'time vs unfused':>17}{'memory vs unfused':>19}")
-    ref = results["unfused"]
-    for name, r in results.items():
-        print(f"{name:18}{r['seconds']:>11.3f}{r['extra_mib']:>11.0f}{r['seconds'] / ref['seconds']:>16.2f}x"
-              f"{r['extra_mib'] / ref['extra_mib']:>18.2f}x")
+        return child(args.child, args.tokens[0], args.hidden, args.vocab, args.trainable, args.repeats,
+                     args.device, args.dtype)
+    variants = ["unfused", "fused-stage2", "fused-stage1"]
+    if args.device == "cuda":
+        try:
+            import liger_kernel  # noqa: F401
+
+            variants.append("liger")
+        except ImportError:
+            print("Liger-Kernel not installed: no Liger row")
+    print(f"H={args.hidden} V={args.vocab} (trainable {args.trainable}), {args.dtype} on {args.device}")
+    print(f"{'tokens':>7} {'variant':14}{'fwd+bwd ms':>12}{'extra MiB':>11}{'time vs unfused':>17}"
+          f"{'memory vs unfused':>19}")
+    for n in args.tokens:
+        results = {}
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(n), "--hidden", str(args.hidden),
+                   "--vocab", str(args.vocab), "--trainable", str(args.trainable), "--repeats", str(args.repeats),
+                   "--device", args.device, "--dtype", args.dtype]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[variant] = json.loads(out.strip().splitlines()[-1])
+        ref = results["unfused"]
+        for name, r in results.items():
+            print(f"{n:>7} {name:14}{r['seconds'] * 1e3:>12.1f}{r['extra_mib']:>11.0f}"
+                  f"{r['seconds'] / ref['seconds']:>16.2f}x{r['extra_mib'] / ref['extra_mib']:>18.2f}x")
 
 
 if __name__ == "__main__":

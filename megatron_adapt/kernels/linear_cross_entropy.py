@@ -3,21 +3,24 @@
 Each tensor-parallel rank holds rows [vocab_start, vocab_start + V_local) of the output weight;
 only rows [trainable_start, trainable_stop) of its slice may receive a gradient (stage 1 trains
 only the added vocabulary). The logits [N, V] and their gradient are never materialized: the
-forward pass walks the vocabulary in blocks, keeping a running max and sum of exponentials per
+forward pass walks the vocabulary in tiles, keeping a running max and sum of exponentials per
 token (online log-sum-exp), reduces them across the TP group (max, then rescaled sum) together
-with the target logit from the rank that owns it; the backward pass recomputes each block's
-logits, turns them into the block's gradient (softmax − one-hot, scaled), and accumulates the
+with the target logit from the rank that owns it; the backward pass recomputes each tile's
+logits, turns them into the tile's gradient (softmax − one-hot, scaled), and accumulates the
 hidden-state gradient (summed over TP) and the weight gradient of trainable rows only.
 
-Peak extra memory is one [N, block] tile instead of [N, V] logits plus their gradient. This is
-the plain-PyTorch form of the algorithm (``linear_cross_entropy_reference`` beside it is the
-unfused definition); the C++ CPU op and Triton GPU kernels implement the same contract.
+The two per-rank steps are torch ops (``megatron_adapt::lce_lse_partials``,
+``megatron_adapt::lce_backward``) with a C++ kernel for CPU tensors (``csrc/linear_cross_entropy.cpp``)
+and Triton kernels for CUDA tensors (``triton_linear_cross_entropy.py``); the TP reductions sit
+between them here. ``linear_cross_entropy_reference`` is the unfused definition.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from megatron_adapt import _native
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -32,25 +35,74 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
     return torch.where(labels == ignore_index, torch.zeros_like(loss), loss)
 
 
+def _cpu_inputs(*tensors: torch.Tensor) -> list:
+    for t in tensors:
+        if t.dtype != torch.float32:
+            raise TypeError(f"the CPU kernel takes float32 hidden states and weights, got {t.dtype}")
+    return [t.detach().contiguous().numpy() for t in tensors]
+
+
+@torch.library.custom_op("megatron_adapt::lce_lse_partials", mutates_args=(), device_types="cpu")
+def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, local_labels: torch.Tensor,
+                 valid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token over rows [0, valid) of this slice: (max logit, sum of exp(logit − max), logit
+    of its label or 0 where the label is not in [0, valid))."""
+    h, w = _cpu_inputs(hidden, weight)
+    out = [torch.empty(hidden.shape[0], dtype=torch.float32) for _ in range(3)]
+    _native.lce_lse_partials(h, w, local_labels.contiguous().numpy(), valid, *(t.numpy() for t in out))
+    return tuple(out)
+
+
+@lse_partials.register_fake
+def _(hidden, weight, local_labels, valid):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("megatron_adapt::lce_backward", mutates_args=(), device_types="cpu")
+def lce_backward(hidden: torch.Tensor, weight: torch.Tensor, local_labels: torch.Tensor, valid: int,
+                 lse: torch.Tensor, softmax_scale: torch.Tensor, scale: torch.Tensor, t0: int,
+                 t1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient of hidden [N, H], gradient of rows [t0, t1) of the slice), both float32, for the
+    per-token loss gradient ``scale`` given the global log-sum-exp ``lse``; ``softmax_scale`` is
+    ``scale`` times the z-loss factor."""
+    h, w = _cpu_inputs(hidden, weight)
+    grad_hidden = torch.empty(hidden.shape, dtype=torch.float32)
+    grad_rows = torch.empty((t1 - t0, weight.shape[1]), dtype=torch.float32)
+    _native.lce_backward(h, w, local_labels.contiguous().numpy(), valid, lse.contiguous().numpy(),
+                         softmax_scale.contiguous().numpy(), scale.contiguous().numpy(), t0, t1,
+                         grad_hidden.numpy(), grad_rows.numpy())
+    return grad_hidden, grad_rows
+
+
+@lce_backward.register_fake
+def _(hidden, weight, local_labels, valid, lse, softmax_scale, scale, t0, t1):
+    return (hidden.new_empty(hidden.shape, dtype=torch.float32),
+            hidden.new_empty((t1 - t0, weight.shape[1]), dtype=torch.float32))
+
+
+def _register_triton() -> None:
+    """The CUDA kernels of both ops, where triton is installed (CPU-only machines skip it)."""
+    try:
+        from megatron_adapt.kernels import triton_linear_cross_entropy as tl_lce
+    except ImportError:
+        return
+    lse_partials.register_kernel("cuda")(tl_lce.lse_partials)
+    lce_backward.register_kernel("cuda")(tl_lce.backward)
+
+
+_register_triton()
+
+
+_IGNORED = torch.iinfo(torch.int64).min  # a local label no slice owns and no real label maps to
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, trainable, weight, labels, vocab_start, true_vocab_size, span, ignore_index,
-                z_loss, block, group):
-        n, v_local = hidden.shape[0], weight.shape[0]
-        max_ = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
-        sum_exp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        target = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        local_label = labels - vocab_start
-        owned = (local_label >= 0) & (local_label < v_local) & (labels != ignore_index)
-        valid_cols = max(0, min(v_local, true_vocab_size - vocab_start))
-        for j in range(0, valid_cols, block):
-            logits = (hidden @ weight[j:min(j + block, valid_cols)].T).float()
-            new_max = torch.maximum(max_, logits.max(dim=1).values)
-            sum_exp = sum_exp * torch.exp(max_ - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
-            max_ = new_max
-            in_block = owned & (local_label >= j) & (local_label < j + logits.shape[1])
-            rows = in_block.nonzero()[:, 0]
-            target[rows] = logits[rows, local_label[rows] - j]
+                z_loss, group):
+        valid = max(0, min(weight.shape[0], true_vocab_size - vocab_start))
+        local_labels = torch.where(labels == ignore_index, _IGNORED, labels - vocab_start)
+        max_, sum_exp, target = lse_partials(hidden, weight, local_labels, valid)
         if group is not None and dist.get_world_size(group) > 1:
             global_max = max_.clone()
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
@@ -60,42 +112,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
             max_ = global_max
         lse = max_ + torch.log(sum_exp)
         loss = lse - target + z_loss * lse**2
-        ignored = labels == ignore_index
-        loss = torch.where(ignored, torch.zeros_like(loss), loss)
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.config = (vocab_start, valid_cols, span, ignore_index, z_loss, block, group)
+        loss = torch.where(labels == ignore_index, torch.zeros_like(loss), loss)
+        ctx.save_for_backward(hidden, weight, local_labels, lse)
+        ctx.config = (valid, span, z_loss, group)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        vocab_start, valid_cols, (t0, t1), ignore_index, z_loss, block, group = ctx.config
-        scale = torch.where(labels == ignore_index, torch.zeros_like(grad_loss), grad_loss).float()
+        hidden, weight, local_labels, lse = ctx.saved_tensors
+        valid, (t0, t1), z_loss, group = ctx.config
+        scale = torch.where(local_labels == _IGNORED, 0.0, grad_loss.float())
         softmax_scale = scale * (1 + 2 * z_loss * lse)
-        local_label = labels - vocab_start
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_trainable = torch.zeros((t1 - t0, weight.shape[1]), dtype=torch.float32, device=weight.device)
-        for j in range(0, valid_cols, block):
-            stop = min(j + block, valid_cols)
-            logits = (hidden @ weight[j:stop].T).float()
-            grad = torch.exp(logits - lse[:, None]) * softmax_scale[:, None]
-            hit = (local_label >= j) & (local_label < stop)
-            rows = hit.nonzero()[:, 0]
-            grad[rows, local_label[rows] - j] -= scale[rows]
-            grad_hidden += grad @ weight[j:stop].float()
-            lo, hi = max(j, t0), min(stop, t1)
-            if lo < hi:  # only trainable rows get a weight gradient
-                grad_trainable[lo - t0:hi - t0] += grad[:, lo - j:hi - j].T @ hidden.float()
+        grad_hidden, grad_rows = lce_backward(hidden, weight, local_labels, valid, lse, softmax_scale, scale, t0, t1)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(grad_hidden, group=group)
-        return (grad_hidden.to(hidden.dtype), grad_trainable.to(weight.dtype), None, None, None, None, None, None,
-                None, None, None)
+        return (grad_hidden.to(hidden.dtype), grad_rows.to(weight.dtype), None, None, None, None, None, None,
+                None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, trainable: torch.Tensor, weight: torch.Tensor,
                          labels: torch.Tensor, vocab_start: int, true_vocab_size: int,
                          trainable_span: tuple[int, int], ignore_index: int = -100, z_loss: float = 0.0,
-                         block: int = 4096, group=None) -> torch.Tensor:
+                         group=None) -> torch.Tensor:
     """Per-token loss [N] for hidden [N, H] against this rank's weight slice [V_local, H].
 
     ``trainable`` is the Parameter holding rows ``trainable_span`` of the slice (a view of
@@ -105,4 +143,4 @@ def linear_cross_entropy(hidden: torch.Tensor, trainable: torch.Tensor, weight: 
     ``true_vocab_size`` (TP padding) are excluded from the softmax. Collective over ``group``.
     """
     return _LinearCrossEntropy.apply(hidden, trainable, weight.detach(), labels, vocab_start, true_vocab_size,
-                                     trainable_span, ignore_index, z_loss, block, group)
+                                     trainable_span, ignore_index, z_loss, group)

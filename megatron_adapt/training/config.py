@@ -32,6 +32,9 @@ class ModelConfig:
     """How added rows start: subword-mean, mean, multivariate-normal."""
     init_from: str = ""
     """Another run's checkpoint directory to start from (stage 2 from stage 1); weights only."""
+    fused_vocab: bool = True
+    """Embedding lookup and output loss through the fused kernels (no logits tensor, gradient
+    only for trainable rows) where the device has them; false: megatron-core's own layers."""
 
 
 @dataclasses.dataclass

@@ -39,6 +39,7 @@ from megatron_adapt.data.blend import load_blend
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.freeze import apply_freeze_policy
+from megatron_adapt.model.fused_vocab import fused_vocab_supported, use_fused_vocab
 from megatron_adapt.model.resize import resizing_reader
 from megatron_adapt.model.weights import load_hf_state
 from megatron_adapt.training import checkpoint
@@ -179,6 +180,11 @@ def train(config: Config, checked: tuple | None = None) -> dict:
     elif not resuming:
         checkpoint.load(source, model)
     apply_freeze_policy(model, config.train.freeze, base_vocab)
+    if config.model.fused_vocab and fused_vocab_supported(dtype):
+        use_fused_vocab(model)
+    else:
+        log.info("vocabulary layers: megatron-core's%s", "" if not config.model.fused_vocab else
+                 " (the fused kernels take CUDA tensors or float32 CPU tensors)")
 
     sharded_optimizer = _use_distributed_optimizer()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,

@@ -40,13 +40,32 @@ def test_single_rank_matches_reference(span, z_loss):
     ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, grad_out, z_loss)
     h = hidden.clone().requires_grad_()
     trainable = torch.nn.Parameter(weight[span[0]:span[1]].clone())
-    loss = linear_cross_entropy(h, trainable, weight, labels, 0, TRUE_V, span, z_loss=z_loss, block=16)
+    loss = linear_cross_entropy(h, trainable, weight, labels, 0, TRUE_V, span, z_loss=z_loss)
     loss.backward(grad_out)
     assert _rel(loss, ref_loss) <= 1e-5, "loss"
     assert _rel(h.grad, ref_dh) <= 1e-5, "hidden gradient"
     if span[1] > span[0]:
         assert _rel(trainable.grad, ref_dw[span[0]:span[1]]) <= 1e-5, "trainable weight gradient"
     assert (loss[labels == -100] == 0).all()
+
+
+def test_many_tiles_match_reference():
+    """Shapes that cross the kernels' 64-token and 64-row tiles several times, with ragged edges."""
+    gen = torch.Generator().manual_seed(2)
+    n, h, v, true_v, span = 150, 40, 300, 290, (130, 290)
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 0.3
+    labels = torch.randint(0, true_v, (n,), generator=gen)
+    labels[::7] = -100
+    grad_out = torch.rand(n, generator=gen)
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = linear_cross_entropy_reference(hd, wd, labels, true_v, z_loss=1e-4)
+    ref.backward(grad_out.double())
+    hh, trainable = hidden.clone().requires_grad_(), torch.nn.Parameter(weight[span[0]:span[1]].clone())
+    loss = linear_cross_entropy(hh, trainable, weight, labels, 0, true_v, span, z_loss=1e-4)
+    loss.backward(grad_out)
+    assert _rel(loss, ref.detach()) <= 1e-5, "loss"
+    assert _rel(hh.grad, hd.grad) <= 1e-5, "hidden gradient"
+    assert _rel(trainable.grad, wd.grad[span[0]:span[1]]) <= 1e-5, "trainable weight gradient"
 
 
 def _rank_tp(hidden, weight, labels, grad_out, span, z_loss):
@@ -58,7 +77,7 @@ def _rank_tp(hidden, weight, labels, grad_out, span, z_loss):
     t1 = max(t0, t1)
     h = hidden.clone().requires_grad_()
     trainable = torch.nn.Parameter(local[t0:t1].clone())
-    loss = linear_cross_entropy(h, trainable, local, labels, start, TRUE_V, (t0, t1), z_loss=z_loss, block=16,
+    loss = linear_cross_entropy(h, trainable, local, labels, start, TRUE_V, (t0, t1), z_loss=z_loss,
                                 group=parallel_state.get_tensor_model_parallel_group())
     loss.backward(grad_out)
     return dict(loss=loss.detach(), dh=h.grad, dw=trainable.grad, start=start + t0, stop=start + t1)

@@ -1,0 +1,93 @@
+"""The fused vocabulary kernels in megatron-core's GPTModel: embedding lookup and output loss.
+
+``use_fused_vocab(model)`` changes two layers of a built (and frozen) model:
+- the word embedding looks its ids up with ``kernels.embedding.vocab_embedding`` over the slice's
+  two tables (frozen rows, trainable rows), so stage 1 makes no gradient for the frozen table;
+- the output layer stops computing logits and hands the final hidden states on; the loss
+  function (``training/step.py``) then calls ``fused_token_losses``, which runs
+  ``kernels.linear_cross_entropy`` against the output weight: no [tokens, vocab] logits, and a
+  weight gradient only for the trainable rows.
+
+Losses and gradients equal megatron-core's path (tested); ``model.fused_vocab: false`` keeps
+megatron-core's own layers. The kernels exist for CUDA tensors (Triton) and float32 CPU tensors
+(C++); elsewhere ``fused_vocab_supported`` says no and the model keeps megatron-core's path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (reduce_from_tensor_model_parallel_region,
+                                           reduce_scatter_to_sequence_parallel_region)
+
+from megatron_adapt.kernels.embedding import vocab_embedding
+from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy
+
+log = logging.getLogger(__name__)
+
+
+def vocab_tables(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(whole slice, trainable rows, their span in the slice) of an embedding or output layer.
+
+    For a layer split by ``freeze.split_vocab_rows`` the trainable rows are their own Parameter;
+    otherwise the whole weight is trainable.
+    """
+    if hasattr(layer, "trainable_rows"):
+        start, stop = layer.trainable_span
+        table, trainable = layer.all_rows, layer.trainable_rows
+        if trainable.data_ptr() != table[start:stop].data_ptr():  # an optimizer re-homed the rows
+            table.data[start:stop].copy_(trainable.data)
+        return table, trainable, (start, stop)
+    weight = layer.weight
+    return weight.detach(), weight, (0, weight.shape[0])
+
+
+class _FusedEmbedding:
+    """Mixed into megatron-core's VocabParallelEmbedding: same output, one lookup op."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        table, trainable, (start, _) = vocab_tables(self)
+        output = vocab_embedding(input_, table, trainable, self.vocab_start_index, start)
+        if self.reduce_scatter_embeddings:
+            return reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous(),
+                                                             group=self.tp_group)
+        return reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
+
+
+class _DeferredOutput:
+    """Mixed into megatron-core's output ColumnParallelLinear: passes the hidden states on, and
+    the loss function applies the weight together with the cross entropy."""
+
+    def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
+        return input_, None
+
+
+def fused_vocab_supported(dtype: torch.dtype) -> bool:
+    return torch.cuda.is_available() or dtype == torch.float32
+
+
+def use_fused_vocab(model: torch.nn.Module) -> None:
+    """Switch this rank's embedding and output layer to the fused kernels (call after freezing)."""
+    if getattr(model, "pre_process", False):
+        layer = model.embedding.word_embeddings
+        layer.__class__ = type(f"Fused{type(layer).__name__}", (_FusedEmbedding, type(layer)), {})
+    if getattr(model, "post_process", False):
+        if model.output_layer.sequence_parallel:
+            raise ValueError("the fused output loss does not take sequence-parallel hidden states")
+        layer = model.output_layer
+        layer.__class__ = type(f"Deferred{type(layer).__name__}", (_DeferredOutput, type(layer)), {})
+    model.fused_vocab = True
+    log.info("vocabulary layers: fused kernels (%s)", "Triton" if torch.cuda.is_available() else "C++ CPU")
+
+
+def fused_token_losses(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy [b, s] from the final hidden states [b, s, h] (last stage)."""
+    layer = model.output_layer
+    table, trainable, span = vocab_tables(layer)
+    vocab_start = parallel_state.get_tensor_model_parallel_rank() * table.shape[0]
+    losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), trainable, table, labels.reshape(-1),
+                                  vocab_start, model.true_vocab_size, span,
+                                  group=parallel_state.get_tensor_model_parallel_group())
+    return losses.view(labels.shape)

@@ -1,0 +1,53 @@
+"""The fused vocabulary kernels in the model give megatron-core's losses and gradients, for
+stage 1 (added rows only, boundary inside a rank's slice) and stage 2, at TP=2 and PP=2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_adapt.model.build import build_llama
+from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
+from megatron_adapt.model.fused_vocab import use_fused_vocab
+from megatron_adapt.model.weights import export_hf_state
+from megatron_adapt.training.step import forward_backward
+from tests.multiprocess import run_ranks
+
+VOCAB, BASE, SEQ = 300, 200, 16  # TP=2 pads to 512 rows: rank 0 holds 0..255, so new rows start inside it
+
+
+def _rank_compare(policy: str) -> dict:
+    arch = LlamaArchitecture(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    reference = build_llama(arch, seq_length=SEQ)
+    fused = build_llama(arch, seq_length=SEQ)
+    fused.load_state_dict(reference.state_dict())
+    for model in (reference, fused):
+        apply_freeze_policy(model, FreezePolicy(train=policy), base_vocab_size=BASE)
+    use_fused_vocab(fused)
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"tokens": torch.randint(0, VOCAB, (2, SEQ), generator=gen),
+                "labels": torch.randint(0, VOCAB, (2, SEQ), generator=gen),
+                "loss_mask": (torch.rand(2, SEQ, generator=gen) > 0.2).long()} for _ in range(2)]
+    losses = [forward_backward(model, batches) for model in (reference, fused)]
+    grads = [export_hf_state(model, use_grad=True) for model in (reference, fused)]
+    return {"losses": losses, "grads": grads}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("policy,tp,pp", [("new_vocab_rows", 2, 1), ("all", 2, 1), ("new_vocab_rows", 1, 2)])
+def test_fused_equals_megatron_core(policy, tp, pp):
+    for rank, r in enumerate(run_ranks(_rank_compare, policy, tp=tp, pp=pp)):
+        ref_loss, fused_loss = r["losses"]
+        if ref_loss is not None:
+            assert abs(fused_loss - ref_loss) <= 1e-5 * abs(ref_loss), f"rank {rank}: loss {fused_loss} vs {ref_loss}"
+        ref_grads, fused_grads = r["grads"]
+        assert set(ref_grads) == set(fused_grads)
+        for name, expected in ref_grads.items():
+            got = fused_grads[name]
+            err = ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+            assert err <= 1e-5, f"rank {rank}: gradient of {name} differs by {err:.2e}"
+            if policy == "new_vocab_rows" and name in ("model.embed_tokens.weight", "lm_head.weight"):
+                assert got[:BASE].abs().max() == 0, f"rank {rank}: {name} base rows got a gradient"
