@@ -9,7 +9,7 @@ import torch
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
-from megatron_adapt.model.fused_vocab import use_fused_vocab
+from megatron_adapt.model.fused_vocab import self_check, use_fused_vocab
 from megatron_adapt.model.weights import export_hf_state
 from megatron_adapt.training.step import forward_backward
 from tests.multiprocess import run_ranks
@@ -51,3 +51,8 @@ def test_fused_equals_megatron_core(policy, tp, pp):
             assert err <= 1e-5, f"rank {rank}: gradient of {name} differs by {err:.2e}"
             if policy == "new_vocab_rows" and name in ("model.embed_tokens.weight", "lm_head.weight"):
                 assert got[:BASE].abs().max() == 0, f"rank {rank}: {name} base rows got a gradient"
+
+
+def test_self_check_passes_on_the_cpu_kernels():
+    """The start-up check a GPU run makes of the Triton kernels, here on the C++ ones."""
+    assert self_check("cpu", torch.float32) is None
