@@ -15,7 +15,7 @@ import triton.language as tl
 @triton.jit
 def _forward_kernel(id_ptr, table_ptr, trainable_ptr, out_ptr, n_tokens, hidden_size, start, rows, t0, t_rows,
                     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: offsets can pass 2^31
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     token_ok, col_ok = tokens < n_tokens, cols < hidden_size
     row = tl.load(id_ptr + tokens, mask=token_ok, other=-1) - start
@@ -32,7 +32,7 @@ def _forward_kernel(id_ptr, table_ptr, trainable_ptr, out_ptr, n_tokens, hidden_
 @triton.jit
 def _backward_kernel(id_ptr, grad_out_ptr, grad_ptr, n_tokens, hidden_size, start, t0, t_rows,
                      BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     token_ok, col_ok = tokens < n_tokens, cols < hidden_size
     row = tl.load(id_ptr + tokens, mask=token_ok, other=-1) - start - t0

@@ -36,14 +36,14 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, hidden_size,
 @triton.jit
 def _lse_kernel(h_ptr, w_ptr, label_ptr, max_ptr, sum_ptr, target_ptr, n_tokens, hidden_size, valid,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: offsets can pass 2^31
     row_ok = rows < n_tokens
     labels = tl.load(label_ptr + rows, mask=row_ok, other=-1)
     running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(0, valid, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < valid
         logits = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, hidden_size, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
@@ -60,8 +60,8 @@ def _lse_kernel(h_ptr, w_ptr, label_ptr, max_ptr, sum_ptr, target_ptr, n_tokens,
 def _backward_kernel(h_ptr, w_ptr, label_ptr, lse_ptr, softmax_scale_ptr, scale_ptr, grad_h_ptr, grad_w_ptr,
                      n_tokens, hidden_size, valid, t0, t1,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: offsets can pass 2^31
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok, col_ok = rows < n_tokens, cols < valid
     logits = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, hidden_size, BLOCK_N, BLOCK_V, BLOCK_K, PRECISION)
     labels = tl.load(label_ptr + rows, mask=row_ok, other=-1)
