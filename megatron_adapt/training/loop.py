@@ -187,6 +187,8 @@ def train(config: Config, checked: tuple | None = None) -> dict:
                  " (the fused kernels take CUDA tensors or float32 CPU tensors)")
 
     sharded_optimizer = _use_distributed_optimizer()
+    log.info("optimizer: %s", "distributed, state sharded over DP" if sharded_optimizer else
+             "state replicated over DP (the distributed optimizer needs CUDA and TransformerEngine or apex)")
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=sharded_optimizer)
     model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
@@ -268,10 +270,7 @@ def _use_distributed_optimizer() -> bool:
     load its own checkpoints: it reads Adam's step from state that does not exist yet)."""
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
-    use = torch.cuda.is_available() and HAVE_APEX_OR_TE
-    log.info("optimizer: %s", "distributed, state sharded over DP" if use else
-             "state replicated over DP (the distributed optimizer needs CUDA and TransformerEngine or apex)")
-    return use
+    return torch.cuda.is_available() and HAVE_APEX_OR_TE
 
 
 def _eod_id(config: Config, arch: LlamaArchitecture) -> int:
