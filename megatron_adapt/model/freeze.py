@@ -24,6 +24,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 log = logging.getLogger(__name__)
 
 
+def _sync_rows(trainable: torch.Tensor, full: torch.Tensor, start: int, stop: int) -> None:
+    """Write the trainable rows into the whole slice if they no longer alias it."""
+    if trainable.data_ptr() != full[start:stop].data_ptr():  # an optimizer re-homed the param
+        full.data[start:stop].copy_(trainable.data)  # .data: no version bump for saved tensors
+
+
 class _JoinRows(torch.autograd.Function):
     """Forward: the whole slice (trainable rows written in if they no longer alias it).
     Backward: the gradient of the trainable rows only."""
@@ -31,8 +37,7 @@ class _JoinRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, trainable: torch.Tensor, full: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         ctx.start, ctx.stop = start, stop
-        if trainable.data_ptr() != full[start:stop].data_ptr():  # an optimizer re-homed the param
-            full.data[start:stop].copy_(trainable.data)  # .data: no version bump for saved tensors
+        _sync_rows(trainable, full, start, stop)
         return full.view_as(full)
 
     @staticmethod
@@ -88,6 +93,19 @@ def split_vocab_rows(layer: torch.nn.Module, vocab_start: int, first_trainable: 
     layer._register_state_dict_hook(_state_dict_hook)
     layer._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
     return stop - start
+
+
+def vocab_tables(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(whole slice, trainable rows, their span in the slice) of an embedding or output layer.
+
+    For a layer split by ``split_vocab_rows`` the trainable rows are their own Parameter;
+    otherwise the whole weight is trainable.
+    """
+    if isinstance(layer, _RowSplitMixin):
+        _sync_rows(layer.trainable_rows, layer.all_rows, *layer.trainable_span)
+        return layer.all_rows, layer.trainable_rows, layer.trainable_span
+    weight = layer.weight
+    return weight.detach(), weight, (0, weight.shape[0])
 
 
 def trainable_row_shards(model: torch.nn.Module) -> dict[str, ShardedTensor]:

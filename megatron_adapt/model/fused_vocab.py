@@ -20,29 +20,16 @@ import logging
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import (reduce_from_tensor_model_parallel_region,
-                                           reduce_scatter_to_sequence_parallel_region)
+from megatron.core.tensor_parallel import (
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 
 from megatron_adapt.kernels.embedding import vocab_embedding, vocab_embedding_reference
 from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from megatron_adapt.model.freeze import vocab_tables
 
 log = logging.getLogger(__name__)
-
-
-def vocab_tables(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """(whole slice, trainable rows, their span in the slice) of an embedding or output layer.
-
-    For a layer split by ``freeze.split_vocab_rows`` the trainable rows are their own Parameter;
-    otherwise the whole weight is trainable.
-    """
-    if hasattr(layer, "trainable_rows"):
-        start, stop = layer.trainable_span
-        table, trainable = layer.all_rows, layer.trainable_rows
-        if trainable.data_ptr() != table[start:stop].data_ptr():  # an optimizer re-homed the rows
-            table.data[start:stop].copy_(trainable.data)
-        return table, trainable, (start, stop)
-    weight = layer.weight
-    return weight.detach(), weight, (0, weight.shape[0])
 
 
 class _FusedEmbedding:
@@ -90,11 +77,11 @@ def self_check(device: str, dtype: torch.dtype) -> str | None:
     labels = torch.randint(0, true_v, (n,), generator=gen).to(device)
     labels[::7] = -100
     trainable = weight[span[0]:span[1]].clone().requires_grad_()
-    linear_cross_entropy(hidden, trainable, weight, labels, 0, true_v, span).sum().backward()
+    loss = linear_cross_entropy(hidden, trainable, weight, labels, 0, true_v, span)
+    loss.sum().backward()
     hidden64, weight64 = hidden.detach().double().requires_grad_(), weight.double().requires_grad_()
     reference = linear_cross_entropy_reference(hidden64, weight64, labels, true_v)
     reference.sum().backward()
-    loss = linear_cross_entropy(hidden.detach(), trainable.detach(), weight, labels, 0, true_v, span)
 
     rows = weight[span[0]:span[1]].clone().requires_grad_()
     embedded = vocab_embedding(labels.clamp(min=0), weight, rows, 0, span[0])
@@ -104,7 +91,7 @@ def self_check(device: str, dtype: torch.dtype) -> str | None:
     expected.backward(torch.ones_like(expected))
 
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    checks = {"loss": (loss, reference.detach()), "hidden gradient": (hidden.grad, hidden64.grad),
+    checks = {"loss": (loss.detach(), reference.detach()), "hidden gradient": (hidden.grad, hidden64.grad),
               "trainable rows' gradient": (trainable.grad, weight64.grad[span[0]:span[1]]),
               "embedding": (embedded, expected.detach()), "embedding gradient": (rows.grad, rows64.grad)}
     for name, (got, want) in checks.items():

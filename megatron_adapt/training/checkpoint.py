@@ -169,16 +169,14 @@ def load(path: Path, model, optimizer=None, scheduler=None) -> dict[str, Any]:
     The model alone is what a new stage starts from; with the optimizer it is a resume.
     """
     meta = json.loads((path / "meta.json").read_text())
+    if optimizer is not None and "optimizer" not in meta["contents"]:
+        raise FileNotFoundError(f"{path} holds no optimizer state (a converted or weights-only checkpoint): "
+                                "start from it with model.init_from instead of resuming")
     if not (path / "dist").exists():  # a converted start (tools/convert_checkpoint.py): HF layout
-        if optimizer is not None:
-            raise FileNotFoundError(f"{path} holds no optimizer state (a converted checkpoint): "
-                                    "start from it with model.init_from instead of resuming")
         load_hf_checkpoint(unwrap(model), path / "model")
         return meta
     same_layout = meta["layout"] == _layout()
     state = sharded_state(model, optimizer, with_rng=optimizer is not None and same_layout, loading=True)
-    if optimizer is not None and "optimizer" not in meta["contents"]:
-        raise FileNotFoundError(f"{path} holds no optimizer state: start from it with model.init_from")
     strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path / "dist")), _dp_group())
     loaded = dist_checkpointing.load(state, str(path / "dist"), sharded_strategy=strategy)
     unwrap(model).load_state_dict(loaded["model"])
