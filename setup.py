@@ -11,7 +11,8 @@ native = Pybind11Extension(
     "megatron_adapt._native",
     sources=["csrc/module.cpp", "csrc/vocab_embedding.cpp", "csrc/chunk_encoder.cpp", "csrc/linear_cross_entropy.cpp"],
     cxx_std=17,
-    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"],  # fused multiply-adds in the kernels
+    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast",  # fused multiply-adds in the kernels
+                        "-Wno-psabi"],  # vector types in always-inlined helpers: no ABI is crossed
     extra_link_args=["-fopenmp"],
 )
 

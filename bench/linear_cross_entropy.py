@@ -5,9 +5,10 @@
         --tokens 8192 16384 32768                              # GPU: the Triton kernels (+ Liger if installed)
 
 Each variant runs in a fresh process. Extra memory is what one forward + backward adds on top of
-its inputs: on CUDA ``max_memory_allocated`` above the allocation before the step, on CPU the
-process's peak RSS above its RSS before the first step. Time is the median of --repeats steps
-after one warm-up. "stage1" computes the weight gradient for the last --trainable rows only (the
+its inputs and parameters (gradients included): on CUDA ``max_memory_allocated`` above the
+allocation before the step, on CPU the process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs) above its RSS before the step. Time is the median of --repeats steps after
+one warm-up. "stage1" computes the weight gradient for the last --trainable rows only (the
 added vocabulary), "stage2" for all rows; the unfused path and Liger always compute all rows.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def child(variant: str, n: int, h: int, v: int, trainable: int, repeats: int, device: str, dtype_name: str) -> None:
+def _rss(field: str) -> int:
+    """VmRSS / VmHWM of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def child(variant: str, n: int, h: int, v: int, trainable: int, repeats: int, device: str, dtype_name: str,
+          chunk: int | None) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -34,47 +43,49 @@ def child(variant: str, n: int, h: int, v: int, trainable: int, repeats: int, de
 
     dtype = getattr(torch, DTYPES[dtype_name])
     torch.manual_seed(0)
-    hidden = (torch.randn(n, h) * 0.5).to(device, dtype)
+    hidden = (torch.randn(n, h) * 0.5).to(device, dtype).requires_grad_()
     weight = (torch.randn(v, h) * 0.02).to(device, dtype)
     labels = torch.randint(0, v, (n,), device=device)
     span = (v - trainable, v) if variant.endswith("stage1") else (0, v)
+    if variant.startswith("fused"):  # stage 1: the added rows are a Parameter of their own
+        param = weight if span == (0, v) else weight[span[0]:span[1]].clone()
+    else:
+        param = weight
+    param.requires_grad_()
     if variant == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
         liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
     def step() -> None:
-        h_ = hidden.clone().requires_grad_()
         if variant == "unfused":
-            w = weight.clone().requires_grad_()
-            loss = torch.nn.functional.cross_entropy((h_ @ w.T).float(), labels, reduction="sum")
+            loss = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
         elif variant == "liger":
-            w = weight.clone().requires_grad_()
-            loss = liger(w, h_, labels)
+            loss = liger(weight, hidden, labels)
         else:
-            w = torch.nn.Parameter(weight[span[0]:span[1]].clone())
-            loss = linear_cross_entropy(h_, w, weight, labels, 0, v, span).sum()
+            loss, _ = linear_cross_entropy(hidden, param, weight, labels, 0, v, span, chunk=chunk)
         loss.backward()
+        hidden.grad = param.grad = None
 
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
+    step()
+    sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step()
-    sync()
+        base = _rss("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from here
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM")
     print(json.dumps({"seconds": statistics.median(times), "extra_mib": (peak - base) / 2**20}))
 
 
@@ -87,11 +98,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--chunk", type=int, help="tokens per chunk of the fused op (default: its own rule)")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.tokens[0], args.hidden, args.vocab, args.trainable, args.repeats,
-                     args.device, args.dtype)
+                     args.device, args.dtype, args.chunk)
     variants = ["unfused", "fused-stage2", "fused-stage1"]
     if args.device == "cuda":
         try:
@@ -108,7 +120,7 @@ def main() -> None:
         for variant in variants:
             cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(n), "--hidden", str(args.hidden),
                    "--vocab", str(args.vocab), "--trainable", str(args.trainable), "--repeats", str(args.repeats),
-                   "--device", args.device, "--dtype", args.dtype]
+                   "--device", args.device, "--dtype", args.dtype] + (["--chunk", str(args.chunk)] if args.chunk else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
         ref = results["unfused"]

@@ -1,26 +1,40 @@
-"""Output projection + cross entropy over a vocab-parallel weight, without building the logits.
+"""Output projection + cross entropy over a vocab-parallel weight, one chunk of tokens at a time.
 
 Each tensor-parallel rank holds rows [vocab_start, vocab_start + V_local) of the output weight;
 only rows [trainable_start, trainable_stop) of its slice may receive a gradient (stage 1 trains
-only the added vocabulary). The logits [N, V] and their gradient are never materialized: the
-forward pass walks the vocabulary in tiles, keeping a running max and sum of exponentials per
-token (online log-sum-exp), reduces them across the TP group (max, then rescaled sum) together
-with the target logit from the rank that owns it; the backward pass recomputes each tile's
-logits, turns them into the tile's gradient (softmax − one-hot, scaled), and accumulates the
-hidden-state gradient (summed over TP) and the weight gradient of trainable rows only.
+only the added vocabulary). The [N, V] logits are never built: the tokens are taken in chunks
+(1/16 of them, at least 256), and for each chunk
 
-The two per-rank steps are torch ops (``megatron_adapt::lce_lse_partials``,
-``megatron_adapt::lce_backward``) with a C++ kernel for CPU tensors (``csrc/linear_cross_entropy.cpp``)
-and Triton kernels for CUDA tensors (``triton_linear_cross_entropy.py``); the TP reductions sit
-between them here. ``linear_cross_entropy_reference`` is the unfused definition.
+1. a matrix product gives its logits against this rank's slice, [C, V_local];
+2. ``lce_chunk_stats`` reduces them to per-token max, sum of exponentials and label logit, which
+   are merged across the TP group into the log-sum-exp (max, then the rescaled sums);
+3. ``lce_chunk_gradient_`` turns the logits into their gradient in place (softmax − one-hot,
+   times the token's weight and the z-loss factor), and two more matrix products give the chunk's
+   hidden-state gradient and add its share to the gradient of the trainable rows only.
+
+The gradients are thus computed during the forward pass (as Liger-Kernel does), which is why the
+op returns the weighted sum of the token losses: its gradient is one number, by which backward
+scales them. Per chunk this is the unfused path's three matrix products — on the trainable rows
+only for the weight gradient — with no logits-sized tensor and no recomputation.
+
+The two per-chunk steps are torch ops with a C++ kernel for CPU tensors
+(``csrc/linear_cross_entropy.cpp``) and Triton kernels for CUDA tensors
+(``triton_linear_cross_entropy.py``); the matrix products are BLAS / cuBLAS through torch.
+``linear_cross_entropy_reference`` is the unfused definition.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 
 from megatron_adapt import _native
+
+IGNORED = torch.iinfo(torch.int64).min  # a local label no slice owns and no real label maps to
+MIN_CHUNK_TOKENS = 256  # below this the matrix products lose efficiency
+CHUNKS = 16  # a chunk's logits are 1/16 of the whole: ~3% of the unfused path's memory
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -35,49 +49,36 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
     return torch.where(labels == ignore_index, torch.zeros_like(loss), loss)
 
 
-def _cpu_inputs(*tensors: torch.Tensor) -> list:
+def _cpu_floats(*tensors: torch.Tensor) -> list:
     for t in tensors:
         if t.dtype != torch.float32:
-            raise TypeError(f"the CPU kernel takes float32 hidden states and weights, got {t.dtype}")
-    return [t.detach().contiguous().numpy() for t in tensors]
+            raise TypeError(f"the CPU kernel takes float32 logits, got {t.dtype}")
+    return [t.contiguous().numpy() for t in tensors]
 
 
-@torch.library.custom_op("megatron_adapt::lce_lse_partials", mutates_args=(), device_types="cpu")
-def lse_partials(hidden: torch.Tensor, weight: torch.Tensor, local_labels: torch.Tensor,
-                 valid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per token over rows [0, valid) of this slice: (max logit, sum of exp(logit − max), logit
-    of its label or 0 where the label is not in [0, valid))."""
-    h, w = _cpu_inputs(hidden, weight)
-    out = [torch.empty(hidden.shape[0], dtype=torch.float32) for _ in range(3)]
-    _native.lce_lse_partials(h, w, local_labels.contiguous().numpy(), valid, *(t.numpy() for t in out))
+@torch.library.custom_op("megatron_adapt::lce_chunk_stats", mutates_args=(), device_types="cpu")
+def chunk_stats(logits: torch.Tensor, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``logits`` [C, V_local]: (max, sum of exp(logit − max), logit of its label or 0
+    where the label is not in [0, V_local)), float32."""
+    (z,) = _cpu_floats(logits)
+    out = [torch.empty(logits.shape[0], dtype=torch.float32) for _ in range(3)]
+    _native.lce_chunk_stats(z, local_labels.contiguous().numpy(), *(t.numpy() for t in out))
     return tuple(out)
 
 
-@lse_partials.register_fake
-def _(hidden, weight, local_labels, valid):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+@chunk_stats.register_fake
+def _(logits, local_labels):
+    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(3))
 
 
-@torch.library.custom_op("megatron_adapt::lce_backward", mutates_args=(), device_types="cpu")
-def lce_backward(hidden: torch.Tensor, weight: torch.Tensor, local_labels: torch.Tensor, valid: int,
-                 lse: torch.Tensor, softmax_scale: torch.Tensor, scale: torch.Tensor, t0: int,
-                 t1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient of hidden [N, H], gradient of rows [t0, t1) of the slice), both float32, for the
-    per-token loss gradient ``scale`` given the global log-sum-exp ``lse``; ``softmax_scale`` is
-    ``scale`` times the z-loss factor."""
-    h, w = _cpu_inputs(hidden, weight)
-    grad_hidden = torch.empty(hidden.shape, dtype=torch.float32)
-    grad_rows = torch.empty((t1 - t0, weight.shape[1]), dtype=torch.float32)
-    _native.lce_backward(h, w, local_labels.contiguous().numpy(), valid, lse.contiguous().numpy(),
-                         softmax_scale.contiguous().numpy(), scale.contiguous().numpy(), t0, t1,
-                         grad_hidden.numpy(), grad_rows.numpy())
-    return grad_hidden, grad_rows
-
-
-@lce_backward.register_fake
-def _(hidden, weight, local_labels, valid, lse, softmax_scale, scale, t0, t1):
-    return (hidden.new_empty(hidden.shape, dtype=torch.float32),
-            hidden.new_empty((t1 - t0, weight.shape[1]), dtype=torch.float32))
+@torch.library.custom_op("megatron_adapt::lce_chunk_gradient_", mutates_args=("logits",), device_types="cpu")
+def chunk_gradient_(logits: torch.Tensor, local_labels: torch.Tensor, lse: torch.Tensor,
+                    softmax_scale: torch.Tensor, scale: torch.Tensor) -> None:
+    """In place: logits → exp(logit − lse) · softmax_scale − [column is the label] · scale."""
+    if not logits.is_contiguous():
+        raise ValueError("the logits chunk must be contiguous (it is overwritten in place)")
+    _native.lce_chunk_gradient(*_cpu_floats(logits), local_labels.contiguous().numpy(),
+                               *_cpu_floats(lse, softmax_scale, scale))
 
 
 def _register_triton() -> None:
@@ -86,61 +87,105 @@ def _register_triton() -> None:
         from megatron_adapt.kernels import triton_linear_cross_entropy as tl_lce
     except ImportError:
         return
-    lse_partials.register_kernel("cuda")(tl_lce.lse_partials)
-    lce_backward.register_kernel("cuda")(tl_lce.backward)
+    chunk_stats.register_kernel("cuda")(tl_lce.chunk_stats)
+    chunk_gradient_.register_kernel("cuda")(tl_lce.chunk_gradient_)
 
 
 _register_triton()
 
 
-_IGNORED = torch.iinfo(torch.int64).min  # a local label no slice owns and no real label maps to
+def chunk_tokens(n: int) -> int:
+    return max(MIN_CHUNK_TOKENS, math.ceil(n / CHUNKS))
+
+
+def _merge_across_ranks(max_: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor, group):
+    """Log-sum-exp and label logit over the whole vocabulary from every rank's partials."""
+    if group is not None and dist.get_world_size(group) > 1:
+        global_max = max_.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        sums = torch.stack([sum_exp * torch.exp(max_ - global_max), target])
+        dist.all_reduce(sums, group=group)
+        max_, (sum_exp, target) = global_max, sums
+    return max_ + torch.log(sum_exp), target
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (float32) += a @ b, for a and b of the model's dtype (cuBLAS accumulates into fp32)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, trainable, weight, labels, vocab_start, true_vocab_size, span, ignore_index,
-                z_loss, group):
-        valid = max(0, min(weight.shape[0], true_vocab_size - vocab_start))
-        local_labels = torch.where(labels == ignore_index, _IGNORED, labels - vocab_start)
-        max_, sum_exp, target = lse_partials(hidden, weight, local_labels, valid)
-        if group is not None and dist.get_world_size(group) > 1:
-            global_max = max_.clone()
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-            sum_exp = sum_exp * torch.exp(max_ - global_max)
-            dist.all_reduce(sum_exp, group=group)
-            dist.all_reduce(target, group=group)
-            max_ = global_max
-        lse = max_ + torch.log(sum_exp)
-        loss = lse - target + z_loss * lse**2
-        loss = torch.where(labels == ignore_index, torch.zeros_like(loss), loss)
-        ctx.save_for_backward(hidden, weight, local_labels, lse)
-        ctx.config = (valid, span, z_loss, group)
-        return loss
+    def forward(ctx, hidden, trainable, weight, labels, token_weights, vocab_start, true_vocab_size, span,
+                ignore_index, z_loss, group, chunk):
+        n = hidden.shape[0]
+        valid = max(0, min(weight.shape[0], true_vocab_size - vocab_start))  # the rest is TP padding
+        rows = weight[:valid]
+        t0, t1 = span[0], max(span[0], min(span[1], valid))
+        ignored = labels == ignore_index
+        local_labels = torch.where(ignored, IGNORED, labels - vocab_start)
+        scale = torch.where(ignored, 0.0, token_weights.float())
+        want_hidden, want_rows = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_rows = hidden.new_zeros((span[1] - span[0], hidden.shape[1]), dtype=torch.float32) if want_rows else None
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        buffer = hidden.new_empty((min(n, chunk), valid))  # one chunk's logits, reused: the op's working memory
+        for c0 in range(0, n, chunk):
+            tokens = slice(c0, min(n, c0 + chunk))
+            h = hidden[tokens]
+            logits = torch.mm(h, rows.T, out=buffer[:h.shape[0]])
+            lse, target = _merge_across_ranks(*chunk_stats(logits, local_labels[tokens]), group)
+            losses[tokens] = torch.where(ignored[tokens], 0.0, lse - target + z_loss * lse**2)
+            if not (want_hidden or want_rows):
+                continue
+            s = scale[tokens]
+            chunk_gradient_(logits, local_labels[tokens], lse, s * (1 + 2 * z_loss * lse), s)
+            if want_hidden:
+                torch.mm(logits, rows, out=grad_hidden[tokens])
+            if want_rows and t1 > t0:
+                _add_product(grad_rows[:t1 - t0], logits[:, t0:t1].T, h)
+        ctx.gradients = grad_hidden, grad_rows  # intermediates, not inputs: kept on ctx so backward can drop them
+        ctx.group, ctx.dtype = group, weight.dtype
+        ctx.mark_non_differentiable(losses)
+        return (losses * scale).sum(), losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, local_labels, lse = ctx.saved_tensors
-        valid, (t0, t1), z_loss, group = ctx.config
-        scale = torch.where(local_labels == _IGNORED, 0.0, grad_loss.float())
-        softmax_scale = scale * (1 + 2 * z_loss * lse)
-        grad_hidden, grad_rows = lce_backward(hidden, weight, local_labels, valid, lse, softmax_scale, scale, t0, t1)
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(grad_hidden, group=group)
-        return (grad_hidden.to(hidden.dtype), grad_rows.to(weight.dtype), None, None, None, None, None, None,
-                None, None)
+    def backward(ctx, grad_sum, _grad_losses):
+        if ctx.gradients is None:
+            raise RuntimeError("the fused linear cross entropy's backward runs once (its gradients are computed "
+                               "in the forward pass and handed over); do not retain its graph")
+        # Handed over and scaled in place: autograd can then keep them as .grad without a copy.
+        (grad_hidden, grad_rows), ctx.gradients = ctx.gradients, None
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_sum.to(grad_hidden.dtype))
+            if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
+                dist.all_reduce(grad_hidden, group=ctx.group)
+        if grad_rows is not None:
+            grad_rows = grad_rows.mul_(grad_sum).to(ctx.dtype)
+        return (grad_hidden, grad_rows) + (None,) * 10
 
 
 def linear_cross_entropy(hidden: torch.Tensor, trainable: torch.Tensor, weight: torch.Tensor,
                          labels: torch.Tensor, vocab_start: int, true_vocab_size: int,
-                         trainable_span: tuple[int, int], ignore_index: int = -100, z_loss: float = 0.0,
-                         group=None) -> torch.Tensor:
-    """Per-token loss [N] for hidden [N, H] against this rank's weight slice [V_local, H].
+                         trainable_span: tuple[int, int], token_weights: torch.Tensor | None = None,
+                         ignore_index: int = -100, z_loss: float = 0.0, group=None,
+                         chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ token_weights · loss, per-token losses [N]) for hidden [N, H] against this rank's weight
+    slice [V_local, H]; only the sum carries gradients.
 
     ``trainable`` is the Parameter holding rows ``trainable_span`` of the slice (a view of
     ``weight``, as ``model.freeze.split_vocab_rows`` makes it; for a fully trainable layer, the
     weight itself with span (0, V_local)); its gradient is the only weight gradient computed.
     ``labels`` are global ids; ``ignore_index`` tokens get loss 0 and no gradient; ids at or above
-    ``true_vocab_size`` (TP padding) are excluded from the softmax. Collective over ``group``.
+    ``true_vocab_size`` (TP padding) are excluded from the softmax. ``token_weights`` default to 1
+    (the loss mask, typically). ``chunk`` tokens are processed at a time (default: ``chunk_tokens``).
+    Collective over ``group``.
     """
-    return _LinearCrossEntropy.apply(hidden, trainable, weight.detach(), labels, vocab_start, true_vocab_size,
-                                     trainable_span, ignore_index, z_loss, group)
+    if token_weights is None:
+        token_weights = torch.ones_like(labels, dtype=torch.float32)
+    return _LinearCrossEntropy.apply(hidden, trainable, weight.detach(), labels, token_weights.detach(), vocab_start,
+                                     true_vocab_size, trainable_span, ignore_index, z_loss, group,
+                                     chunk or chunk_tokens(hidden.shape[0]))

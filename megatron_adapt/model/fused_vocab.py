@@ -4,7 +4,7 @@
 - the word embedding looks its ids up with ``kernels.embedding.vocab_embedding`` over the slice's
   two tables (frozen rows, trainable rows), so stage 1 makes no gradient for the frozen table;
 - the output layer stops computing logits and hands the final hidden states on; the loss
-  function (``training/step.py``) then calls ``fused_token_losses``, which runs
+  function (``training/step.py``) then calls ``fused_loss``, which runs
   ``kernels.linear_cross_entropy`` against the output weight: no [tokens, vocab] logits, and a
   weight gradient only for the trainable rows.
 
@@ -77,8 +77,8 @@ def self_check(device: str, dtype: torch.dtype) -> str | None:
     labels = torch.randint(0, true_v, (n,), generator=gen).to(device)
     labels[::7] = -100
     trainable = weight[span[0]:span[1]].clone().requires_grad_()
-    loss = linear_cross_entropy(hidden, trainable, weight, labels, 0, true_v, span)
-    loss.sum().backward()
+    loss_sum, loss = linear_cross_entropy(hidden, trainable, weight, labels, 0, true_v, span, chunk=40)
+    loss_sum.backward()
     hidden64, weight64 = hidden.detach().double().requires_grad_(), weight.double().requires_grad_()
     reference = linear_cross_entropy_reference(hidden64, weight64, labels, true_v)
     reference.sum().backward()
@@ -115,12 +115,15 @@ def use_fused_vocab(model: torch.nn.Module) -> None:
     log.info("vocabulary layers: fused kernels (%s)", "Triton" if torch.cuda.is_available() else "C++ CPU")
 
 
-def fused_token_losses(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy [b, s] from the final hidden states [b, s, h] (last stage)."""
+def fused_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+               loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the masked token losses, number of tokens it counts) from the final hidden states
+    [b, s, h] (last stage), as ``model.loss.masked_sum`` gives them for logits."""
     layer = model.output_layer
     table, trainable, span = vocab_tables(layer)
     vocab_start = parallel_state.get_tensor_model_parallel_rank() * table.shape[0]
-    losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), trainable, table, labels.reshape(-1),
-                                  vocab_start, model.true_vocab_size, span,
-                                  group=parallel_state.get_tensor_model_parallel_group())
-    return losses.view(labels.shape)
+    mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+    loss_sum, _ = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), trainable, table, labels.reshape(-1),
+                                       vocab_start, model.true_vocab_size, span, token_weights=mask.reshape(-1),
+                                       group=parallel_state.get_tensor_model_parallel_group())
+    return loss_sum, mask.sum().to(torch.int)

@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_adapt.model.fused_vocab import fused_token_losses
+from megatron_adapt.model.fused_vocab import fused_loss
 from megatron_adapt.model.loss import masked_sum, token_losses
 
 
@@ -31,12 +31,12 @@ def _loss_func(model, batch: dict[str, torch.Tensor], on_logits: Callable | None
     if getattr(module, "fused_vocab", False):  # the model returned hidden states, not logits
         if on_logits is not None:
             raise ValueError("on_logits needs logits: build the model without the fused vocabulary kernels")
-        losses = fused_token_losses(module, logits, batch["labels"])
+        loss_sum, num_tokens = fused_loss(module, logits, batch["labels"], batch.get("loss_mask"))
     else:
         if on_logits is not None:  # a copy: megatron-core's cross entropy overwrites its input in place
             on_logits(logits.detach().clone())
         losses = token_losses(logits, batch["labels"], module.true_vocab_size)
-    loss_sum, num_tokens = masked_sum(losses, batch.get("loss_mask"))
+        loss_sum, num_tokens = masked_sum(losses, batch.get("loss_mask"))
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 

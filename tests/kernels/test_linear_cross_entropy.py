@@ -1,4 +1,4 @@
-"""Blocked vocab-parallel linear + cross entropy equals the float64 unfused reference."""
+"""Chunked vocab-parallel linear + cross entropy (C++ kernels on CPU) equals the float64 unfused reference."""
 
 from __future__ import annotations
 
@@ -6,26 +6,33 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from megatron_adapt.kernels.linear_cross_entropy import (
+    IGNORED,
+    chunk_gradient_,
+    chunk_stats,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from tests.multiprocess import run_ranks
 
 N, H, V, TRUE_V = 37, 24, 100, 93
+OUTER = 2.5  # the loss sum's own gradient (megatron scales by 1 / micro-batches): backward must apply it
 
 
-def _inputs(seed: int):
+def _inputs(seed: int, n=N, h=H, v=V, true_v=TRUE_V):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, H, generator=gen)
-    weight = torch.randn(V, H, generator=gen) * 0.5
-    labels = torch.randint(0, TRUE_V, (N,), generator=gen)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * 0.5
+    labels = torch.randint(0, true_v, (n,), generator=gen)
     labels[::5] = -100  # ignored tokens
-    grad_out = torch.rand(N, generator=gen)
-    return hidden, weight, labels, grad_out
+    token_weights = torch.rand(n, generator=gen)  # a loss mask, generalized
+    return hidden, weight, labels, token_weights
 
 
-def _reference(hidden, weight, labels, grad_out, z_loss):
+def _reference(hidden, weight, labels, token_weights, z_loss, true_v=TRUE_V):
     h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    loss = linear_cross_entropy_reference(h, w, labels, TRUE_V, z_loss=z_loss)
-    loss.backward(grad_out.double())
+    loss = linear_cross_entropy_reference(h, w, labels, true_v, z_loss=z_loss)
+    (OUTER * (loss * token_weights.double()).sum()).backward()
     return loss.detach(), h.grad, w.grad
 
 
@@ -33,64 +40,105 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("span", [(40, 77), (0, V), (93, V), (60, 60)], ids=["inside", "all", "padding", "none"])
-@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-def test_single_rank_matches_reference(span, z_loss):
-    hidden, weight, labels, grad_out = _inputs(0)
-    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, grad_out, z_loss)
+def _fused(hidden, weight, labels, token_weights, span, z_loss, chunk, true_v=TRUE_V, vocab_start=0, group=None):
     h = hidden.clone().requires_grad_()
     trainable = torch.nn.Parameter(weight[span[0]:span[1]].clone())
-    loss = linear_cross_entropy(h, trainable, weight, labels, 0, TRUE_V, span, z_loss=z_loss)
-    loss.backward(grad_out)
-    assert _rel(loss, ref_loss) <= 1e-5, "loss"
-    assert _rel(h.grad, ref_dh) <= 1e-5, "hidden gradient"
+    loss_sum, losses = linear_cross_entropy(h, trainable, weight, labels, vocab_start, true_v, span,
+                                            token_weights=token_weights, z_loss=z_loss, group=group, chunk=chunk)
+    (OUTER * loss_sum).backward()
+    return loss_sum.detach(), losses, h.grad, trainable.grad
+
+
+@pytest.mark.parametrize("chunk", [8, 256], ids=["5-chunks", "1-chunk"])
+@pytest.mark.parametrize("span", [(40, 77), (0, V), (93, V), (60, 60)], ids=["inside", "all", "padding", "none"])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_single_rank_matches_reference(span, z_loss, chunk):
+    hidden, weight, labels, token_weights = _inputs(0)
+    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, token_weights, z_loss)
+    loss_sum, losses, dh, dw = _fused(hidden, weight, labels, token_weights, span, z_loss, chunk)
+    assert _rel(losses, ref_loss) <= 1e-5, "per-token loss"
+    assert _rel(loss_sum, (ref_loss * token_weights.double()).sum()) <= 1e-5, "weighted loss sum"
+    assert _rel(dh, ref_dh) <= 1e-5, "hidden gradient"
     if span[1] > span[0]:
-        assert _rel(trainable.grad, ref_dw[span[0]:span[1]]) <= 1e-5, "trainable weight gradient"
-    assert (loss[labels == -100] == 0).all()
+        assert _rel(dw, ref_dw[span[0]:span[1]]) <= 1e-5, "trainable weight gradient"
+    if span[1] > TRUE_V:
+        assert dw[TRUE_V - span[0]:].abs().max() == 0, "TP padding rows must get no gradient"
+    assert (losses[labels == -100] == 0).all(), "ignored tokens must have loss 0"
 
 
-def test_many_tiles_match_reference():
-    """Shapes that cross the kernels' 64-token and 64-row tiles several times, with ragged edges."""
-    gen = torch.Generator().manual_seed(2)
-    n, h, v, true_v, span = 150, 40, 300, 290, (130, 290)
-    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 0.3
-    labels = torch.randint(0, true_v, (n,), generator=gen)
-    labels[::7] = -100
-    grad_out = torch.rand(n, generator=gen)
-    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref = linear_cross_entropy_reference(hd, wd, labels, true_v, z_loss=1e-4)
-    ref.backward(grad_out.double())
-    hh, trainable = hidden.clone().requires_grad_(), torch.nn.Parameter(weight[span[0]:span[1]].clone())
-    loss = linear_cross_entropy(hh, trainable, weight, labels, 0, true_v, span, z_loss=1e-4)
-    loss.backward(grad_out)
-    assert _rel(loss, ref.detach()) <= 1e-5, "loss"
-    assert _rel(hh.grad, hd.grad) <= 1e-5, "hidden gradient"
-    assert _rel(trainable.grad, wd.grad[span[0]:span[1]]) <= 1e-5, "trainable weight gradient"
+def test_wide_vocabulary_matches_reference():
+    """Rows wider than the C++ kernel's 2048-column blocks, with the max moving between blocks,
+    logits low enough that exp underflows to 0, and a ragged last chunk."""
+    hidden, weight, labels, token_weights = _inputs(2, n=150, h=16, v=4500, true_v=4490)
+    weight[:, 0] = torch.linspace(-3, 3, 4500)  # logits grow across the row for tokens with hidden[:, 0] > 0
+    hidden[:7, 0] = 40.0  # spreads of ~240 between a token's smallest and largest logit
+    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, token_weights, 1e-4, true_v=4490)
+    span = (3000, 4490)
+    _, losses, dh, dw = _fused(hidden, weight, labels, token_weights, span, 1e-4, chunk=64, true_v=4490)
+    assert _rel(losses, ref_loss) <= 1e-5, "per-token loss"
+    assert _rel(dh, ref_dh) <= 1e-5, "hidden gradient"
+    assert _rel(dw, ref_dw[span[0]:span[1]]) <= 1e-5, "trainable weight gradient"
 
 
-def _rank_tp(hidden, weight, labels, grad_out, span, z_loss):
+def test_chunk_kernels_match_float64():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 2100, generator=gen) * 30  # exp(logit - max) spans far below float32's range
+    labels = torch.tensor([0, 2099, 17, IGNORED, -1, 2100, 5, 2048, 2047])
+    max_, sum_exp, target = chunk_stats(logits, labels)
+    z = logits.double()
+    assert torch.equal(max_, logits.max(1).values), "row max"
+    assert _rel(sum_exp, torch.exp(z - z.max(1, keepdim=True).values).sum(1)) <= 1e-6, "sum of exp"
+    owned = (labels >= 0) & (labels < 2100)
+    expected_target = torch.where(owned, logits.gather(1, labels.clamp(0, 2099)[:, None])[:, 0], 0.0)
+    assert torch.equal(target, expected_target), "label logit (0 where another slice owns the label)"
+
+    lse = torch.logsumexp(z, 1)
+    softmax_scale, scale = torch.rand(9, generator=gen), torch.rand(9, generator=gen)
+    expected = torch.exp(z - lse[:, None]) * softmax_scale.double()[:, None]
+    expected[owned, labels[owned]] -= scale.double()[owned]
+    chunk_gradient_(logits, labels, lse.float(), softmax_scale, scale)
+    assert _rel(logits, expected) <= 1e-5, "gradient of the logits chunk"  # lse rounded to fp32: ~2e-6
+
+
+def test_no_grad_forward_computes_losses_only():
+    hidden, weight, labels, token_weights = _inputs(4)
+    trainable = torch.nn.Parameter(weight.clone())
+    with torch.no_grad():
+        loss_sum, losses = linear_cross_entropy(hidden, trainable, weight, labels, 0, TRUE_V, (0, V), chunk=8)
+    assert _rel(losses, linear_cross_entropy_reference(hidden.double(), weight.double(), labels, TRUE_V)) <= 1e-5
+    assert not loss_sum.requires_grad
+
+
+def test_second_backward_is_refused():
+    hidden, weight, labels, _ = _inputs(5)
+    h = hidden.clone().requires_grad_()
+    loss_sum, _ = linear_cross_entropy(h, torch.nn.Parameter(weight.clone()), weight, labels, 0, TRUE_V, (0, V))
+    loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss_sum.backward()
+
+
+def _rank_tp(hidden, weight, labels, token_weights, span, z_loss):
     rank = parallel_state.get_tensor_model_parallel_rank()
     rows = V // 2
     start = rank * rows
     local = weight[start:start + rows]
     t0, t1 = min(max(span[0] - start, 0), rows), min(max(span[1] - start, 0), rows)
     t1 = max(t0, t1)
-    h = hidden.clone().requires_grad_()
-    trainable = torch.nn.Parameter(local[t0:t1].clone())
-    loss = linear_cross_entropy(h, trainable, local, labels, start, TRUE_V, (t0, t1), z_loss=z_loss,
-                                group=parallel_state.get_tensor_model_parallel_group())
-    loss.backward(grad_out)
-    return dict(loss=loss.detach(), dh=h.grad, dw=trainable.grad, start=start + t0, stop=start + t1)
+    loss_sum, losses, dh, dw = _fused(hidden, local, labels, token_weights, (t0, t1), z_loss, chunk=16,
+                                      vocab_start=start, group=parallel_state.get_tensor_model_parallel_group())
+    return dict(loss_sum=loss_sum, losses=losses, dh=dh, dw=dw, start=start + t0, stop=start + t1)
 
 
 @pytest.mark.distributed
 def test_tensor_parallel_matches_reference():
-    hidden, weight, labels, grad_out = _inputs(1)
+    hidden, weight, labels, token_weights = _inputs(1)
     span, z_loss = (45, 93), 1e-3  # boundary inside rank 0's slice, at the start of rank 1's
-    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, grad_out, z_loss)
-    results = run_ranks(_rank_tp, hidden, weight, labels, grad_out, span, z_loss, tp=2)
+    ref_loss, ref_dh, ref_dw = _reference(hidden, weight, labels, token_weights, z_loss)
+    results = run_ranks(_rank_tp, hidden, weight, labels, token_weights, span, z_loss, tp=2)
     for rank, r in enumerate(results):
-        assert _rel(r["loss"], ref_loss) <= 1e-5, f"rank {rank}: loss"
+        assert _rel(r["losses"], ref_loss) <= 1e-5, f"rank {rank}: per-token loss"
+        assert _rel(r["loss_sum"], (ref_loss * token_weights.double()).sum()) <= 1e-5, f"rank {rank}: loss sum"
         assert _rel(r["dh"], ref_dh) <= 1e-5, f"rank {rank}: hidden gradient"
         assert _rel(r["dw"], ref_dw[r["start"]:r["stop"]]) <= 1e-5, f"rank {rank}: trainable rows' gradient"
     assert [(r["start"], r["stop"]) for r in results] == [(45, 50), (50, 93)]

@@ -11,45 +11,69 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+from megatron_adapt.kernels import linear_cross_entropy as lce  # noqa: E402
 from megatron_adapt.kernels import triton_embedding  # noqa: E402
 from megatron_adapt.kernels import triton_linear_cross_entropy as tlce  # noqa: E402
 from megatron_adapt.kernels.embedding import vocab_embedding_reference  # noqa: E402
-from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy_reference  # noqa: E402
-
-IGNORED = torch.iinfo(torch.int64).min
-BLOCKS = dict(block_n=16, block_v=32, block_k=16)  # small shapes still span several tiles
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_linear_cross_entropy(dtype: torch.dtype, tolerance: float) -> None:
+def check_chunk_kernels(dtype: torch.dtype, tolerance: float) -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(7, 300, generator=gen) * 8).to(dtype)  # 300: a partial last block of 128
+    labels = torch.tensor([0, 299, 17, lce.IGNORED, -1, 300, 128])
+    max_, sum_exp, target = tlce.chunk_stats(logits, labels, block=128)
+    z = logits.double()
+    assert torch.equal(max_.double(), z.max(1).values), f"{dtype} row max"
+    assert _rel(sum_exp, torch.exp(z - z.max(1, keepdim=True).values).sum(1)) <= tolerance, f"{dtype} sum of exp"
+    owned = (labels >= 0) & (labels < 300)
+    expected_target = torch.where(owned, z.gather(1, labels.clamp(0, 299)[:, None])[:, 0], 0.0)
+    assert torch.equal(target.double(), expected_target), f"{dtype} label logit"
+    lse = torch.logsumexp(z, 1)
+    softmax_scale, scale = torch.rand(7, generator=gen), torch.rand(7, generator=gen)
+    expected = torch.exp(z - lse[:, None]) * softmax_scale.double()[:, None]
+    expected[owned, labels[owned]] -= scale.double()[owned]
+    tlce.chunk_gradient_(logits, labels, lse.float(), softmax_scale, scale, block=128)
+    assert _rel(logits, expected) <= tolerance, f"{dtype} logits gradient: {_rel(logits, expected):.2e}"
+
+
+def check_linear_cross_entropy_with_triton_kernels(dtype: torch.dtype, tolerance: float) -> None:
+    """The whole chunked op with the Triton kernels in place of the C++ ones (the interpreter runs
+    them on CPU tensors): several chunks, ignored tokens, z-loss, TP padding, trainable rows."""
+    calls = []
+
+    def counted(kernel):
+        def run(*args):
+            calls.append(kernel.__name__)
+            return kernel(*args)
+        return run
+
+    torch.library.register_kernel("megatron_adapt::lce_chunk_stats", "cpu", counted(tlce.chunk_stats))
+    torch.library.register_kernel("megatron_adapt::lce_chunk_gradient_", "cpu", counted(tlce.chunk_gradient_))
     gen = torch.Generator().manual_seed(0)
-    n, h, v, true_v, vocab_start, span = 37, 40, 70, 60, 0, (25, 64)
+    n, h, v, true_v, span, z_loss = 37, 40, 1100, 1090, (700, 1100), 1e-4
     hidden = torch.randn(n, h, generator=gen).to(dtype)
     weight = (torch.randn(v, h, generator=gen) * 0.4).to(dtype)
     labels = torch.randint(0, true_v, (n,), generator=gen)
     labels[::6] = -100
-    grad_out = torch.rand(n, generator=gen)
-    z_loss = 1e-4
+    token_weights = torch.rand(n, generator=gen)
     hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref = linear_cross_entropy_reference(hd, wd, labels, true_v, z_loss=z_loss)
-    ref.backward(grad_out.double())
+    ref = lce.linear_cross_entropy_reference(hd, wd, labels, true_v, z_loss=z_loss)
+    (ref * token_weights.double()).sum().backward()
 
-    valid = true_v - vocab_start
-    local = torch.where(labels == -100, IGNORED, labels - vocab_start)
-    max_, sum_exp, target = tlce.lse_partials(hidden, weight, local, valid, **BLOCKS)
-    lse = max_ + torch.log(sum_exp)
-    loss = torch.where(labels == -100, 0.0, lse - target + z_loss * lse**2)
-    assert _rel(loss, ref.detach()) <= tolerance, f"{dtype} loss: {_rel(loss, ref.detach()):.2e}"
-    scale = torch.where(labels == -100, 0.0, grad_out)
-    grad_h, grad_rows = tlce.backward(hidden, weight, local, valid, lse, scale * (1 + 2 * z_loss * lse), scale,
-                                      *span, **BLOCKS)
-    assert _rel(grad_h, hd.grad) <= tolerance, f"{dtype} hidden gradient: {_rel(grad_h, hd.grad):.2e}"
-    expected_rows = wd.grad[span[0]:span[1]]  # rows 60..63 are padding: zero gradient
-    assert _rel(grad_rows, expected_rows) <= tolerance, f"{dtype} trainable rows: {_rel(grad_rows, expected_rows):.2e}"
-    assert grad_rows[true_v - span[0]:].abs().max() == 0, f"{dtype}: padding rows got a gradient"
+    hh, rows = hidden.clone().requires_grad_(), torch.nn.Parameter(weight[span[0]:span[1]].clone())
+    loss_sum, losses = lce.linear_cross_entropy(hh, rows, weight, labels, 0, true_v, span,
+                                                token_weights=token_weights, z_loss=z_loss, chunk=16)
+    loss_sum.backward()
+    assert calls.count("chunk_stats") == calls.count("chunk_gradient_") == 3, f"Triton kernels not used: {calls}"
+    assert _rel(losses, ref.detach()) <= tolerance, f"{dtype} loss: {_rel(losses, ref.detach()):.2e}"
+    assert _rel(hh.grad, hd.grad) <= tolerance, f"{dtype} hidden gradient: {_rel(hh.grad, hd.grad):.2e}"
+    expected_rows = wd.grad[span[0]:span[1]]
+    assert _rel(rows.grad, expected_rows) <= tolerance, f"{dtype} trainable rows: {_rel(rows.grad, expected_rows):.2e}"
+    assert rows.grad[true_v - span[0]:].abs().max() == 0, f"{dtype}: padding rows got a gradient"
 
 
 def check_embedding(dtype: torch.dtype) -> None:
@@ -72,6 +96,7 @@ def check_embedding(dtype: torch.dtype) -> None:
 if __name__ == "__main__":
     check_embedding(torch.float32)
     check_embedding(torch.float16)
-    check_linear_cross_entropy(torch.float32, 1e-5)
-    check_linear_cross_entropy(torch.float16, 2e-2)
+    check_chunk_kernels(torch.float32, 1e-5)
+    check_chunk_kernels(torch.float16, 2e-3)
+    check_linear_cross_entropy_with_triton_kernels(torch.float32, 1e-5)
     print("ok", file=sys.stderr)
