@@ -7,7 +7,8 @@
 Each variant runs in a fresh process. Extra memory is what one forward + backward adds on top of
 its inputs and parameters (gradients included): on CUDA ``max_memory_allocated`` above the
 allocation before the step, on CPU the process's peak RSS (VmHWM, reset through
-/proc/self/clear_refs) above its RSS before the step. Time is the median of --repeats steps after
+/proc/self/clear_refs) above its RSS before the step. Working memory is extra memory less the
+gradients the step returns (hidden states' and the weight rows'), which every path must hold. Time is the median of --repeats steps after
 one warm-up. "stage1" computes the weight gradient for the last --trainable rows only (the
 added vocabulary), "stage2" for all rows; the unfused path and Liger always compute all rows.
 """
@@ -86,7 +87,9 @@ def child(variant: str, n: int, h: int, v: int, trainable: int, repeats: int, de
         sync()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM")
-    print(json.dumps({"seconds": statistics.median(times), "extra_mib": (peak - base) / 2**20}))
+    gradients = (hidden.numel() + param.numel()) * hidden.element_size()  # what every path must return
+    print(json.dumps({"seconds": statistics.median(times), "extra_mib": (peak - base) / 2**20,
+                      "working_mib": (peak - base - gradients) / 2**20}))
 
 
 def main() -> None:
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--chunk", type=int, help="tokens per chunk of the fused op (default: its own rule)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -113,20 +117,25 @@ def main() -> None:
         except ImportError:
             print("Liger-Kernel not installed: no Liger row")
     print(f"H={args.hidden} V={args.vocab} (trainable {args.trainable}), {args.dtype} on {args.device}")
-    print(f"{'tokens':>7} {'variant':14}{'fwd+bwd ms':>12}{'extra MiB':>11}{'time vs unfused':>17}"
-          f"{'memory vs unfused':>19}")
+    print(f"{'tokens':>7} {'variant':14}{'fwd+bwd ms':>12}{'extra MiB':>11}{'working MiB':>13}"
+          f"{'time vs unfused':>17}{'working vs unfused':>20}")
+    table = []
     for n in args.tokens:
         results = {}
         for variant in variants:
             cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(n), "--hidden", str(args.hidden),
                    "--vocab", str(args.vocab), "--trainable", str(args.trainable), "--repeats", str(args.repeats),
-                   "--device", args.device, "--dtype", args.dtype] + (["--chunk", str(args.chunk)] if args.chunk else [])
+                   "--device", args.device, "--dtype", args.dtype]
+            cmd += ["--chunk", str(args.chunk)] if args.chunk else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
         ref = results["unfused"]
         for name, r in results.items():
-            print(f"{n:>7} {name:14}{r['seconds'] * 1e3:>12.1f}{r['extra_mib']:>11.0f}"
-                  f"{r['seconds'] / ref['seconds']:>16.2f}x{r['extra_mib'] / ref['extra_mib']:>18.2f}x")
+            print(f"{n:>7} {name:14}{r['seconds'] * 1e3:>12.1f}{r['extra_mib']:>11.0f}{r['working_mib']:>13.0f}"
+                  f"{r['seconds'] / ref['seconds']:>16.2f}x{r['working_mib'] / ref['working_mib']:>19.3f}x")
+            table.append(dict(tokens=n, variant=name, **r))
+    if args.json:
+        args.json.write_text(json.dumps(dict(vars(args), json=str(args.json), results=table), indent=1))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each tensor-parallel rank holds rows [vocab_start, vocab_start + V_local) of the output weight;
 only rows [trainable_start, trainable_stop) of its slice may receive a gradient (stage 1 trains
 only the added vocabulary). The [N, V] logits are never built: the tokens are taken in chunks
-(1/16 of them, at least 256), and for each chunk
+(1/16 of them, at least 128), and for each chunk
 
 1. a matrix product gives its logits against this rank's slice, [C, V_local];
 2. ``lce_chunk_stats`` reduces them to per-token max, sum of exponentials and label logit, which
@@ -33,8 +33,8 @@ import torch.distributed as dist
 from megatron_adapt import _native
 
 IGNORED = torch.iinfo(torch.int64).min  # a local label no slice owns and no real label maps to
-MIN_CHUNK_TOKENS = 256  # below this the matrix products lose efficiency
-CHUNKS = 16  # a chunk's logits are 1/16 of the whole: ~3% of the unfused path's memory
+CHUNKS = 16  # a chunk's logits are 1/16 of the whole: 2-3% of the unfused path's working memory
+MIN_CHUNK_TOKENS = 128  # smaller chunks make thin matrix products and re-read the weight gradient more often
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

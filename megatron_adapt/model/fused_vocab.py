@@ -56,7 +56,10 @@ def fused_vocab_supported(dtype: torch.dtype) -> bool:
     """float32 on CPU (the C++ kernels); on GPUs the Triton kernels, once they pass a check here."""
     if not torch.cuda.is_available():
         return dtype == torch.float32
-    problem = self_check("cuda", dtype)
+    try:
+        problem = self_check("cuda", dtype)
+    except Exception as error:  # noqa: BLE001 - a kernel that cannot run here is as unusable as a wrong one
+        problem = f"{type(error).__name__}: {error}"
     if problem:
         log.warning("fused vocabulary kernels disabled on this GPU: %s", problem)
     return problem is None

@@ -56,3 +56,18 @@ def test_fused_equals_megatron_core(policy, tp, pp):
 def test_self_check_passes_on_the_cpu_kernels():
     """The start-up check a GPU run makes of the Triton kernels, here on the C++ ones."""
     assert self_check("cpu", torch.float32) is None
+
+
+def test_gpu_that_fails_the_check_falls_back(monkeypatch, caplog):
+    """A GPU whose kernels raise (or differ) runs megatron-core's layers, with the reason logged."""
+    from megatron_adapt.model import fused_vocab
+
+    def broken(device, dtype):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fused_vocab, "self_check", broken)
+    assert fused_vocab.fused_vocab_supported(torch.bfloat16) is False
+    assert "no kernel image is available" in caplog.text
+    monkeypatch.setattr(fused_vocab, "self_check", lambda device, dtype: "loss differs by 1e-1")
+    assert fused_vocab.fused_vocab_supported(torch.bfloat16) is False
