@@ -8,9 +8,10 @@ Each variant runs in a fresh process. Extra memory is what one forward + backwar
 its inputs and parameters (gradients included): on CUDA ``max_memory_allocated`` above the
 allocation before the step, on CPU the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs) above its RSS before the step. Working memory is extra memory less the
-gradients the step returns (hidden states' and the weight rows'), which every path must hold. Time is the median of --repeats steps after
-one warm-up. "stage1" computes the weight gradient for the last --trainable rows only (the
-added vocabulary), "stage2" for all rows; the unfused path and Liger always compute all rows.
+gradients the step returns (hidden states' and the weight rows'), which every path must hold.
+Time is the median of --repeats steps after one warm-up. "stage1" computes the weight gradient
+for the last --trainable rows only (the added vocabulary), "stage2" for all rows; the unfused path
+and Liger always compute all rows.
 """
 
 from __future__ import annotations

@@ -95,6 +95,7 @@ _register_triton()
 
 
 def chunk_tokens(n: int) -> int:
+    """Tokens per chunk for a problem of ``n`` tokens."""
     return max(MIN_CHUNK_TOKENS, math.ceil(n / CHUNKS))
 
 
@@ -129,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local_labels = torch.where(ignored, IGNORED, labels - vocab_start)
         scale = torch.where(ignored, 0.0, token_weights.float())
         want_hidden, want_rows = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_hidden = hidden.new_empty(hidden.shape) if want_hidden else None  # contiguous, filled by chunk
         grad_rows = hidden.new_zeros((span[1] - span[0], hidden.shape[1]), dtype=torch.float32) if want_rows else None
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         buffer = hidden.new_empty((min(n, chunk), valid))  # one chunk's logits, reused: the op's working memory
