@@ -109,6 +109,19 @@ def test_no_grad_forward_computes_losses_only():
     assert not loss_sum.requires_grad
 
 
+def test_strided_hidden_states():
+    """Hidden states that are a transposed view (as [s, b, h] → [b, s, h] can be) give the same result."""
+    hidden, weight, labels, token_weights = _inputs(6)
+    ref_loss, ref_dh, _ = _reference(hidden, weight, labels, token_weights, 0.0)
+    h = hidden.T.contiguous().T.requires_grad_()
+    assert not h.is_contiguous()
+    loss_sum, losses = linear_cross_entropy(h, torch.nn.Parameter(weight.clone()), weight, labels, 0, TRUE_V,
+                                            (0, V), token_weights=token_weights, chunk=8)
+    (OUTER * loss_sum).backward()
+    assert _rel(losses, ref_loss) <= 1e-5, "per-token loss"
+    assert _rel(h.grad, ref_dh) <= 1e-5, "hidden gradient"
+
+
 def test_second_backward_is_refused():
     hidden, weight, labels, _ = _inputs(5)
     h = hidden.clone().requires_grad_()
