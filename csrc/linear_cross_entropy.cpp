@@ -27,25 +27,6 @@ using Floats = py::array_t<float, py::array::c_style>;
 
 namespace {
 
-// exp(x) for x <= 88 to about 2 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r,
-// times 2^n), written so that loops over it vectorize (libm's expf is a scalar call); 0 below -87.
-inline float exp_approx(float x) {
-  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
 struct Chunk {
   int64_t tokens, vocab;
   const int64_t* labels;  // local label ids; anything outside [0, vocab) is not owned here
@@ -59,14 +40,8 @@ Chunk chunk(const Floats& logits, const Ids& labels) {
   return {logits.shape(0), logits.shape(1), labels.data()};
 }
 
-const float* per_token(const Floats& a, int64_t n, const char* name) {
+void check_per_token(const Floats& a, int64_t n, const char* name) {
   if (a.ndim() != 1 || a.shape(0) != n) throw std::invalid_argument(std::string(name) + " must be [tokens]");
-  return a.data();
-}
-
-float* per_token(Floats& a, int64_t n, const char* name) {
-  if (a.ndim() != 1 || a.shape(0) != n) throw std::invalid_argument(std::string(name) + " must be [tokens]");
-  return a.mutable_data();
 }
 
 typedef float vec16 __attribute__((vector_size(64)));  // GCC vector extensions: 16 floats (AVX-512)
@@ -81,8 +56,17 @@ __attribute__((always_inline)) inline V load(const float* p) {
   return v;
 }
 
-// exp_approx on every lane. Adding 1.5 * 2^23 rounds x / ln2 to the integer n and leaves n in the
-// low mantissa bits, from which 2^n is built.
+// The n < lanes elements at p in the first lanes of a vector, `fill` in the others: a row's tail.
+template <typename V>
+__attribute__((always_inline)) inline V load_tail(const float* p, int64_t n, float fill) {
+  V v = V{} + fill;
+  for (int64_t k = 0; k < n; ++k) v[k] = p[k];
+  return v;
+}
+
+// exp(x) on every lane for x <= 88 to about 2 ulp, 0 below -87 (Cephes' expf: x = n ln2 + r, a
+// degree-6 polynomial in r, times 2^n; libm's expf is a scalar call). Adding 1.5 * 2^23 rounds
+// x / ln2 to the integer n and leaves n in the low mantissa bits, from which 2^n is built.
 template <typename V, typename VI>
 __attribute__((always_inline)) inline V exp_lanes(V x) {
   const V magic = V{} + 12582912.0f;
@@ -107,24 +91,25 @@ template <typename V, typename VI>
 __attribute__((always_inline)) inline void row_max_sum_exp_impl(const float* row, int64_t n, float* max_out,
                                                                 float* sum_out) {
   constexpr int64_t kLanes = sizeof(V) / sizeof(float), kBlock = 2048;
-  float m = -std::numeric_limits<float>::infinity(), s = 0.f;
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();  // also a tail's padding: exp gives 0
+  float m = kMinusInf, s = 0.f;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t j1 = std::min(n, j0 + kBlock);
-    V lanes = V{} - std::numeric_limits<float>::infinity();
+    V lanes = V{} + kMinusInf;
     int64_t j = j0;
     for (; j + kLanes <= j1; j += kLanes) {
       const V x = load<V>(row + j);
       lanes = x > lanes ? x : lanes;
     }
-    float block_max = -std::numeric_limits<float>::infinity();
+    const V tail = load_tail<V>(row + j, j1 - j, kMinusInf);
+    lanes = tail > lanes ? tail : lanes;
+    float block_max = kMinusInf;
     for (int64_t k = 0; k < kLanes; ++k) block_max = std::max(block_max, lanes[k]);
-    for (; j < j1; ++j) block_max = std::max(block_max, row[j]);
     const float new_max = std::max(m, block_max);
-    V sums = V{};
+    V sums = exp_lanes<V, VI>(tail - new_max);
     for (j = j0; j + kLanes <= j1; j += kLanes) sums += exp_lanes<V, VI>(load<V>(row + j) - new_max);
     float block_sum = 0.f;
     for (int64_t k = 0; k < kLanes; ++k) block_sum += sums[k];
-    for (; j < j1; ++j) block_sum += exp_approx(row[j] - new_max);
     s = (new_max == m ? s : s * std::exp(m - new_max)) + block_sum;
     m = new_max;
   }
@@ -141,7 +126,8 @@ __attribute__((always_inline)) inline void row_softmax_impl(float* row, int64_t 
     const V g = exp_lanes<V, VI>(load<V>(row + j) - lse) * softmax_scale;
     std::memcpy(row + j, &g, sizeof g);
   }
-  for (; j < n; ++j) row[j] = exp_approx(row[j] - lse) * softmax_scale;
+  const V g = exp_lanes<V, VI>(load_tail<V>(row + j, n - j, 0.f) - lse) * softmax_scale;
+  for (int64_t k = 0; k < n - j; ++k) row[j + k] = g[k];
 }
 
 // One function per instruction set, picked once at load time.
@@ -180,9 +166,10 @@ const auto row_softmax = isa == Isa::avx512 ? &row_softmax_avx512
 
 void chunk_stats(const Floats& logits, const Ids& labels, Floats& max_out, Floats& sum_exp_out, Floats& target_out) {
   const Chunk c = chunk(logits, labels);
-  float* mx = per_token(max_out, c.tokens, "max");
-  float* se = per_token(sum_exp_out, c.tokens, "sum_exp");
-  float* tg = per_token(target_out, c.tokens, "target");
+  check_per_token(max_out, c.tokens, "max");
+  check_per_token(sum_exp_out, c.tokens, "sum_exp");
+  check_per_token(target_out, c.tokens, "target");
+  float *mx = max_out.mutable_data(), *se = sum_exp_out.mutable_data(), *tg = target_out.mutable_data();
   const float* z = logits.data();
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static)
@@ -197,9 +184,10 @@ void chunk_stats(const Floats& logits, const Ids& labels, Floats& max_out, Float
 void chunk_gradient(Floats& logits, const Ids& labels, const Floats& lse, const Floats& softmax_scale,
                     const Floats& scale) {
   const Chunk c = chunk(logits, labels);
-  const float* l = per_token(lse, c.tokens, "lse");
-  const float* ss = per_token(softmax_scale, c.tokens, "softmax_scale");
-  const float* s = per_token(scale, c.tokens, "scale");
+  check_per_token(lse, c.tokens, "lse");
+  check_per_token(softmax_scale, c.tokens, "softmax_scale");
+  check_per_token(scale, c.tokens, "scale");
+  const float *l = lse.data(), *ss = softmax_scale.data(), *s = scale.data();
   float* data = logits.mutable_data();
   py::gil_scoped_release release;
 #pragma omp parallel for schedule(static)
