@@ -57,14 +57,15 @@ def make_random_llama(directory: Path, tokenizer: str, shard_bytes: int) -> int:
 def save_training_checkpoint(start: Path, out: Path) -> None:
     """A training checkpoint of the start model, as a run's first save would write it (run in a child)."""
     from megatron_adapt import distributed
+    from megatron_adapt.checkpoint import train_state
+    from megatron_adapt.checkpoint.format import latest
     from megatron_adapt.model.build import build_llama
-    from megatron_adapt.training import checkpoint
 
     distributed.initialize()
-    source = checkpoint.latest(start)
+    source = latest(start)
     model = build_llama(LlamaArchitecture.from_hf_config(source), params_dtype=torch.bfloat16)
-    checkpoint.load(source, model)
-    checkpoint.save(out, 1, model)
+    train_state.load(source, model)
+    train_state.save(out, 1, model)
     distributed.destroy()
 
 

@@ -13,6 +13,7 @@ export OMP_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore
 mkdir -p "$R"
 step() { echo; echo "== $*"; }
 quiet() { "$@" > "$R/last_step.log" 2>&1 || { cat "$R/last_step.log"; echo "failed: $*"; exit 1; }; }
+failed() { grep -v -i warn "$1" | tail -n 40; echo "failed; the whole log is $1"; exit 1; }
 start=$(date +%s)
 
 step "1/8 base tokenizer"
@@ -42,10 +43,10 @@ $P tools/make_tiny_llama.py --tokenizer $R/base_tokenizer/tokenizer.model --outp
 step "5/8 stage 1: only the added vocabulary rows train (TP=2, 2 processes)"
 rm -rf $R/stage1 $R/stage2
 $TORCHRUN --nproc-per-node 2 -m megatron_adapt.pretrain --config configs/tiny_cpu_stage1.yaml \
-    --set model.base_tokenizer=$R/base_tokenizer/tokenizer.model 2> $R/stage1.log
+    --set model.base_tokenizer=$R/base_tokenizer/tokenizer.model 2> $R/stage1.log || failed $R/stage1.log
 step "6/8 stage 2: all weights (PP=2, 2 processes)"
 $TORCHRUN --nproc-per-node 2 -m megatron_adapt.pretrain --config configs/tiny_cpu_stage2.yaml \
-    --set model.base_tokenizer=$R/base_tokenizer/tokenizer.model 2> $R/stage2.log
+    --set model.base_tokenizer=$R/base_tokenizer/tokenizer.model 2> $R/stage2.log || failed $R/stage2.log
 $P - <<PY
 import json
 for stage in ("stage1", "stage2"):

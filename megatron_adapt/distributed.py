@@ -1,8 +1,10 @@
-"""Process-group and megatron-core parallel-state set-up shared by training, tools and tests."""
+"""Process-group and megatron-core parallel-state set-up shared by training, tools and tests, and the
+few scalar collectives the training loop needs."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 
@@ -50,3 +52,23 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (so that all ranks stop at the same step)."""
+    tensor = torch.tensor([int(flag)], device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def data_parallel_mean(value: float | None) -> float:
+    """The mean of ``value`` over this rank's data-parallel group (NaN where it is None)."""
+    if value is None:
+        return math.nan
+    tensor = torch.tensor([value], dtype=torch.float64, device=_device())
+    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    return tensor.item() / parallel_state.get_data_parallel_world_size()

@@ -24,15 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron.core", "megatron.core.datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from megatron_adapt.training.loop import check_inputs, train
+    from megatron_adapt.training.loop import train
+    from megatron_adapt.training.plan import plan_run
 
     try:  # everything refusable is refused here, before any model is built
         config = load_config(args.config, args.set)
-        checked = check_inputs(config)
+        plan = plan_run(config)
     except (ValueError, OSError) as err:  # ConfigError and the model/tokenizer checks are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
-    train(config, checked)
+    train(config, plan)
     return 0
 
 

@@ -18,8 +18,8 @@ import logging
 import os
 import sys
 
-from megatron_adapt.data.corpus import BadInputError
 from megatron_adapt.data.preprocess import PreprocessConfig, preprocess
+from megatron_adapt.text.corpus import BadInputError
 
 
 def main(argv: list[str] | None = None) -> int:

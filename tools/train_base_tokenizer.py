@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_adapt.data.corpus import iter_documents
+from megatron_adapt.text.corpus import iter_documents
 from megatron_adapt.tokenizer.train_base import train_llama_like
 
 

@@ -1,6 +1,6 @@
 """HF tensors read one at a time from a training checkpoint, without building the model.
 
-A training checkpoint (``training/checkpoint.py``) is a megatron-core distributed checkpoint.
+A training checkpoint (``train_state.py``) is a megatron-core distributed checkpoint.
 Exporting a 7B model should not need a 7B model in memory: this reader loads just the slice of a
 global tensor that one layer's HF tensors come from, so peak memory is one layer's tensor.
 """

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_adapt.data.indexed import read_index
+from megatron_adapt.data.indexed import MASK_SUFFIX, read_index
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def dataset_prefixes(path: str | Path) -> list[Path]:
         return [path]
     if path.is_dir():
         prefixes = sorted(Path(str(p)[: -len(".idx")]) for p in path.glob("*.idx")
-                          if not p.name.startswith(".") and "_targetmask" not in p.name)
+                          if not p.name.startswith(".") and not p.name.endswith(f"{MASK_SUFFIX}.idx"))
         if prefixes:
             return prefixes
     raise FileNotFoundError(f"{path}: neither {path}.idx nor a directory of .idx shards")

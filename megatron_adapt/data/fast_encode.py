@@ -16,9 +16,9 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from megatron_adapt import _native
+from megatron_adapt.tokenizer.sentencepiece_model import SPACE
 
 log = logging.getLogger(__name__)
-SPACE = "\u2581"
 
 
 def chunks_are_independent(proto: model_pb2.ModelProto) -> bool:

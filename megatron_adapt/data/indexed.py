@@ -7,6 +7,9 @@ builder) and megatron-core's ``IndexedDataset`` reads them. Each document is one
 
 .idx layout: b"MMIDIDX\\x00\\x00", version <Q=1, dtype code <B, sequence count <Q, document
 count <Q, sequence lengths int32[n], sequence byte pointers int64[n], document indices int64[d].
+
+A templated dataset (translation, instructions) has a companion ``PREFIX_targetmask`` of the same
+sequence lengths in uint8: 1 where a token is a target the loss counts, 0 for prompt tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+MASK_SUFFIX = "_targetmask"
+"""``PREFIX + MASK_SUFFIX`` is the target-mask companion of dataset PREFIX."""
 _HEADER = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
                 np.float32: 7, np.uint16: 8}

@@ -26,18 +26,18 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal, get_args
 
 import numpy as np
 
-from megatron_adapt.data.corpus import BadLine, iter_documents, iter_records
 from megatron_adapt.data.fast_encode import FastEncoder
-from megatron_adapt.data.indexed import IndexedWriter, optimal_dtype, read_index
+from megatron_adapt.data.indexed import MASK_SUFFIX, IndexedWriter, optimal_dtype, read_index
 from megatron_adapt.data.templates import Segments, instruction, iter_parallel
-from megatron_adapt.tokenizer.normalize import get_normalizer
+from megatron_adapt.text.corpus import BadLine, iter_documents, iter_records
+from megatron_adapt.text.normalize import get_normalizer
 
 log = logging.getLogger(__name__)
-MASK_SUFFIX = "_targetmask"
+InputKind = Literal["text", "parallel", "instructions"]
 
 
 @dataclass
@@ -48,7 +48,7 @@ class PreprocessConfig:
     output_prefix: str
     workers: int = os.cpu_count() or 1
     """SentencePiece encode threads."""
-    kind: str = "text"
+    kind: InputKind = "text"
     """text (documents), parallel (aligned sentence files) or instructions (chat/instruction JSONL)."""
     text_key: str = "text"
     append_eod: bool = False
@@ -66,8 +66,8 @@ class PreprocessConfig:
     progress: bool = field(default_factory=lambda: sys.stderr.isatty())
 
     def __post_init__(self) -> None:
-        if self.kind not in ("text", "parallel", "instructions"):
-            raise ValueError(f"unknown input kind {self.kind!r}")
+        if self.kind not in get_args(InputKind):
+            raise ValueError(f"unknown input kind {self.kind!r}; expected one of {', '.join(get_args(InputKind))}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard index {self.shard_index} not in 0..{self.num_shards - 1}")
         if not Path(self.tokenizer_model).is_file():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from megatron_adapt.data.corpus import BadInputError, BadLine, open_binary
+from megatron_adapt.text.corpus import BadInputError, BadLine, open_binary
 
 Segments = list[tuple[str, bool]]
 

@@ -1,7 +1,7 @@
 """Vocab-range embedding lookup over two tables: the frozen slice and its trainable rows.
 
 A tensor-parallel rank owns vocabulary rows [start, start + rows). Stage 1 trains only the added
-rows, which ``model.freeze.split_vocab_rows`` keeps as a separate Parameter (``trainable``, rows
+rows, which ``model.vocab.VocabRows`` keeps as a separate Parameter (``trainable``, rows
 [t0, t0 + len) of the slice) beside the whole slice (``table``, read for the frozen rows). The
 lookup writes each owned id's row — from ``trainable`` if it is one of those rows — and zeros for
 ids of other ranks (the TP all-reduce sums the ranks); backward accumulates into the trainable

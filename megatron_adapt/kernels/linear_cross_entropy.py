@@ -178,7 +178,7 @@ def linear_cross_entropy(hidden: torch.Tensor, trainable: torch.Tensor, weight: 
     slice [V_local, H]; only the sum carries gradients.
 
     ``trainable`` is the Parameter holding rows ``trainable_span`` of the slice (a view of
-    ``weight``, as ``model.freeze.split_vocab_rows`` makes it; for a fully trainable layer, the
+    ``weight``, as ``model.vocab.VocabRows`` makes it; for a fully trainable layer, the
     weight itself with span (0, V_local)); its gradient is the only weight gradient computed.
     ``labels`` are global ids; ``ignore_index`` tokens get loss 0 and no gradient; ids at or above
     ``true_vocab_size`` (TP padding) are excluded from the softmax. ``token_weights`` default to 1

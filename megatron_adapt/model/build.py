@@ -14,6 +14,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 
 from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.fused_vocab import fused_loss
+from megatron_adapt.model.loss import masked_sum, token_losses
+from megatron_adapt.model.vocab import VocabLayout, adopt_vocab_layer, vocab_layers
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +44,66 @@ def layer_spec(use_transformer_engine: bool | None = None):
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
+def unwrap(model: torch.nn.Module) -> "LlamaGPTModel":
+    """The model inside megatron-core's DDP (or any ``.module``) wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class LlamaGPTModel(GPTModel):
+    """megatron-core's GPTModel for a LLaMA architecture, its vocabulary layers built as ``vocab`` says.
+
+    ``vocab_size`` is the TP-padded size megatron-core allocates; the true size is
+    ``true_vocab_size``, so that the loss and exports leave the padding rows out.
+    """
+
+    def __init__(self, arch: LlamaArchitecture, config, transformer_layer_spec, seq_length: int,
+                 vocab: VocabLayout) -> None:
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=arch.rope_theta,
+            rope_scaling=arch.rope_scaling == "llama3",
+            rope_scaling_factor=arch.rope_scaling_factor,
+            seq_len_interpolation_factor=arch.rope_scaling_factor if arch.rope_scaling == "linear" else None,
+        )
+        self.architecture = arch
+        self.vocab_layout = vocab
+        for layer in vocab_layers(self):
+            adopt_vocab_layer(layer, vocab, arch.vocab_size)
+        kernels = "megatron-core's"
+        if vocab.fused:
+            kernels = "fused kernels, " + ("Triton" if torch.cuda.is_available() else "C++ CPU")
+        rows = f"rows from id {vocab.first_trainable} trainable" if vocab.first_trainable is not None else \
+            "every row trainable"
+        log.info("vocabulary layers: %s; %s", kernels, rows)
+
+    @property
+    def true_vocab_size(self) -> int:
+        return self.architecture.vocab_size
+
+    def loss_sum(self, output: torch.Tensor, labels: torch.Tensor,
+                 loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the masked token losses, tokens counted) from what ``forward`` returned on the last
+        stage: vocab-parallel logits, or with the fused layout the final hidden states."""
+        if self.vocab_layout.fused:
+            return fused_loss(self, output, labels, loss_mask)
+        return masked_sum(token_losses(output, labels, self.true_vocab_size), loss_mask)
+
+
 def build_llama(arch: LlamaArchitecture, params_dtype: torch.dtype = torch.float32,
                 seq_length: int | None = None, use_transformer_engine: bool | None = None,
-                **config_overrides) -> GPTModel:
-    """The GPTModel piece this rank owns (its pipeline stage, its tensor-parallel shard).
-
-    ``model.vocab_size`` is the TP-padded size megatron-core allocates; the true size stays in
-    ``model.true_vocab_size`` so that logits and exports can drop the padding rows.
-    """
+                vocab: VocabLayout = VocabLayout(), **config_overrides) -> LlamaGPTModel:
+    """The GPTModel piece this rank owns (its pipeline stage, its tensor-parallel shard)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = arch.transformer_config(tp, pp, params_dtype, **config_overrides)
     seq_length = seq_length or arch.max_position_embeddings
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(use_transformer_engine),
-        vocab_size=arch.padded_vocab_size(tp),
-        max_sequence_length=seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_base=arch.rope_theta,
-        rope_scaling=arch.rope_scaling == "llama3",
-        rope_scaling_factor=arch.rope_scaling_factor,
-        seq_len_interpolation_factor=arch.rope_scaling_factor if arch.rope_scaling == "linear" else None,
-    )
-    model.true_vocab_size = arch.vocab_size
-    model.architecture = arch
-    return model
+    return LlamaGPTModel(arch, config, layer_spec(use_transformer_engine), seq_length, vocab)

@@ -78,6 +78,14 @@ class LlamaArchitecture:
             raise UnsupportedConfigError(
                 f"pipeline parallel size {pp_size} does not divide num_hidden_layers={self.num_layers}")
 
+    def training_flops_per_token(self, seq_length: int) -> float:
+        """Forward + backward FLOPs per token: 6 × matmul parameters (the embedding lookup is none)
+        + causal attention's score and value products at ``seq_length``."""
+        h, f, layers = self.hidden_size, self.intermediate_size, self.num_layers
+        attention = h * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        params = layers * (attention + 3 * h * f) + self.vocab_size * h
+        return 6 * params + 12 * layers * h * seq_length
+
     def with_vocab_size(self, vocab_size: int) -> "LlamaArchitecture":
         return dataclasses.replace(self, vocab_size=vocab_size)
 

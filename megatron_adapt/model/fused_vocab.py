@@ -1,15 +1,9 @@
-"""The fused vocabulary kernels in megatron-core's GPTModel: embedding lookup and output loss.
+"""When the fused vocabulary kernels can be used, and the loss through them.
 
-``use_fused_vocab(model)`` changes two layers of a built (and frozen) model:
-- the word embedding looks its ids up with ``kernels.embedding.vocab_embedding`` over the slice's
-  two tables (frozen rows, trainable rows), so stage 1 makes no gradient for the frozen table;
-- the output layer stops computing logits and hands the final hidden states on; the loss
-  function (``training/step.py``) then calls ``fused_loss``, which runs
-  ``kernels.linear_cross_entropy`` against the output weight: no [tokens, vocab] logits, and a
-  weight gradient only for the trainable rows.
-
-Losses and gradients equal megatron-core's path (tested); ``model.fused_vocab: false`` keeps
-megatron-core's own layers. The kernels exist for CUDA tensors (Triton) and float32 CPU tensors
+The layers that call them are ``model.vocab``'s (``VocabLayout(fused=True)``); their loss is
+``fused_loss``: ``kernels.linear_cross_entropy`` against the output weight, with no [tokens, vocab]
+logits and a weight gradient only for the trainable rows. Losses and gradients equal
+megatron-core's path (tested). The kernels exist for CUDA tensors (Triton) and float32 CPU tensors
 (C++); elsewhere ``fused_vocab_supported`` says no and the model keeps megatron-core's path. On a
 GPU it first checks the Triton kernels against the references on a small problem.
 """
@@ -20,36 +14,12 @@ import logging
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import (
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
 
 from megatron_adapt.kernels.embedding import vocab_embedding, vocab_embedding_reference
 from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from megatron_adapt.model.freeze import vocab_tables
+from megatron_adapt.model.vocab import vocab_tables
 
 log = logging.getLogger(__name__)
-
-
-class _FusedEmbedding:
-    """Mixed into megatron-core's VocabParallelEmbedding: same output, one lookup op."""
-
-    def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        table, trainable, (start, _) = vocab_tables(self)
-        output = vocab_embedding(input_, table, trainable, self.vocab_start_index, start)
-        if self.reduce_scatter_embeddings:
-            return reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous(),
-                                                             group=self.tp_group)
-        return reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
-
-
-class _DeferredOutput:
-    """Mixed into megatron-core's output ColumnParallelLinear: passes the hidden states on, and
-    the loss function applies the weight together with the cross entropy."""
-
-    def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
-        return input_, None
 
 
 def fused_vocab_supported(dtype: torch.dtype) -> bool:
@@ -104,29 +74,14 @@ def self_check(device: str, dtype: torch.dtype) -> str | None:
     return None
 
 
-def use_fused_vocab(model: torch.nn.Module) -> None:
-    """Switch this rank's embedding and output layer to the fused kernels (call after freezing)."""
-    if getattr(model, "pre_process", False):
-        layer = model.embedding.word_embeddings
-        layer.__class__ = type(f"Fused{type(layer).__name__}", (_FusedEmbedding, type(layer)), {})
-    if getattr(model, "post_process", False):
-        if model.output_layer.sequence_parallel:
-            raise ValueError("the fused output loss does not take sequence-parallel hidden states")
-        layer = model.output_layer
-        layer.__class__ = type(f"Deferred{type(layer).__name__}", (_DeferredOutput, type(layer)), {})
-    model.fused_vocab = True
-    log.info("vocabulary layers: fused kernels (%s)", "Triton" if torch.cuda.is_available() else "C++ CPU")
-
-
 def fused_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the masked token losses, number of tokens it counts) from the final hidden states
     [b, s, h] (last stage), as ``model.loss.masked_sum`` gives them for logits."""
     layer = model.output_layer
     table, trainable, span = vocab_tables(layer)
-    vocab_start = parallel_state.get_tensor_model_parallel_rank() * table.shape[0]
     mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
     loss_sum, _ = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), trainable, table, labels.reshape(-1),
-                                       vocab_start, model.true_vocab_size, span, token_weights=mask.reshape(-1),
+                                       layer.vocab_start, model.true_vocab_size, span, token_weights=mask.reshape(-1),
                                        group=parallel_state.get_tensor_model_parallel_group())
     return loss_sum, mask.sum().to(torch.int)

@@ -8,13 +8,15 @@ the padding columns to −inf before the vocab-parallel cross entropy makes them
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
+
+from megatron_adapt.model.vocab import vocab_slice_start
 
 
 def mask_vocab_padding(logits: torch.Tensor, true_vocab_size: int) -> torch.Tensor:
     """Set this rank's logits for ids ≥ true_vocab_size to −inf (last dim is the vocab slice)."""
     local = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * local
+    start = vocab_slice_start(local)
     n_pad = start + local - true_vocab_size
     if n_pad <= 0:
         return logits

@@ -12,15 +12,16 @@ Initializations of the added rows (input and output tables alike):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import sentencepiece as spm
 import torch
 from torch.distributions import constraints
 
-from megatron_adapt.tokenizer.merge import load_model_proto, processor
+from megatron_adapt.tokenizer.sentencepiece_model import SPACE, load_model_proto, processor
 
-INIT_METHODS = ("subword-mean", "mean", "multivariate-normal")
+InitMethod = Literal["subword-mean", "mean", "multivariate-normal"]
+INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
 RESIZED = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -45,10 +46,10 @@ def check_extends(base_model: str, new_model: str, checkpoint_vocab: int) -> Non
 
 def subword_ids(base: spm.SentencePieceProcessor, pieces: list[str]) -> list[list[int]]:
     """The base tokenization of each piece's text (base processor with the dummy prefix off)."""
-    return base.encode([p.replace("\u2581", " ") for p in pieces], out_type=int)
+    return base.encode([p.replace(SPACE, " ") for p in pieces], out_type=int)
 
 
-def new_rows(old: torch.Tensor, method: str, n_new: int, subwords: list[list[int]] | None = None,
+def new_rows(old: torch.Tensor, method: InitMethod, n_new: int, subwords: list[list[int]] | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """[n_new, hidden] rows for the added ids, computed in fp32 (or the input's higher precision)."""
     old = old.to(torch.promote_types(old.dtype, torch.float32))
@@ -76,7 +77,7 @@ def new_rows(old: torch.Tensor, method: str, n_new: int, subwords: list[list[int
 
 
 def resizing_reader(get_tensor: Callable[[str], torch.Tensor], base_model: str, new_model: str,
-                    method: str, seed: int = 0) -> Callable[[str], torch.Tensor]:
+                    method: InitMethod, seed: int = 0) -> Callable[[str], torch.Tensor]:
     """Wrap an HF tensor getter so that embedding and output rows come out resized to ``new_model``.
 
     Only those two tensors are touched (and cached once resized); everything else passes through.

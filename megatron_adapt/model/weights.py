@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.vocab import VocabRows
 
 Tensor = torch.Tensor
 
@@ -32,16 +33,19 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint tensor is missing or has a shape other than the architecture implies."""
 
 
+Layout = Literal["replicated", "vocab_rows", "columns", "qkv", "gate_up"]
+"""How a megatron-core tensor is laid out across TP ranks, and made of its HF tensors (above)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """How one megatron-core parameter is made of HF tensors."""
 
     hf_names: tuple[str, ...]
-    layout: str
-    """replicated | vocab_rows | columns | qkv | gate_up"""
+    layout: Layout
 
 
-_LAYER_RULES: dict[str, tuple[tuple[str, ...], str]] = {
+_LAYER_RULES: dict[str, tuple[tuple[str, ...], Layout]] = {
     "input_layernorm.weight": (("input_layernorm.weight",), "replicated"),
     "self_attention.linear_qkv.layer_norm_weight": (("input_layernorm.weight",), "replicated"),
     "self_attention.linear_qkv.weight": (
@@ -88,10 +92,10 @@ def _grad(param: torch.Tensor) -> torch.Tensor | None:
 def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable[[], Tensor | None]]]:
     """(name, whole tensor, gradient getter) for every weight of this rank's model piece.
 
-    A vocabulary layer split by ``freeze.split_vocab_rows`` appears as its one ``weight`` (all
-    rows), its gradient zero on the frozen rows.
+    A row-split vocabulary layer (``model.vocab``) appears as its one ``weight`` (all rows), its
+    gradient zero on the frozen rows.
     """
-    split = {f"{n}.": m for n, m in model.named_modules() if hasattr(m, "trainable_span")}
+    split = {f"{n}.": m for n, m in model.named_modules() if isinstance(m, VocabRows) and m.new_rows is not None}
     for name, param in model.named_parameters():
         owner = name.rsplit(".", 1)[0] + "."
         if owner not in split:

@@ -6,7 +6,8 @@ model's merges run first and cut the text differently from the new model's. Here
 from what the base model actually produces for each word and learns merges of adjacent symbols,
 most frequent pair first. The merged model gives the new pieces scores below every base piece, in
 training order, so encoding first reproduces the base segmentation and then replays these merges:
-each new piece is reachable by construction (``merge.verify_reachable`` checks it on the result).
+each new piece is reachable by construction (``sentencepiece_model.unreachable_pieces`` checks it
+on the result).
 
 Constraints keep the base behaviour where the language is not the new one:
 - a pair that occurs in the base segmentation of the English sample is never merged, so English
@@ -28,8 +29,9 @@ from typing import Callable, Iterable
 import sentencepiece as spm
 from tqdm import tqdm
 
+from megatron_adapt.tokenizer.sentencepiece_model import SPACE
+
 log = logging.getLogger(__name__)
-SPACE = "\u2581"
 
 
 @dataclass
@@ -75,7 +77,7 @@ class BaseSegmenter:
     """Base-model segmentation of words as piece strings, byte-fallback runs folded to characters.
 
     A word is given as its pieces will read: with a leading "▁" where it follows a space.
-    ``processor`` must have its dummy prefix switched off (``merge.processor(..., False)``).
+    ``processor`` must have its dummy prefix switched off (``sentencepiece_model.processor(..., False)``).
     """
 
     def __init__(self, processor: spm.SentencePieceProcessor, threads: int = 0) -> None:

@@ -26,8 +26,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from megatron_adapt.data.corpus import BadLine, iter_documents
-from megatron_adapt.tokenizer import bpe_extend, merge
+from megatron_adapt.text.corpus import BadLine, iter_documents
+from megatron_adapt.tokenizer import bpe_extend, sentencepiece_model
 from megatron_adapt.tokenizer.hf_files import write_hf_files
 from megatron_adapt.tokenizer.languages import profile
 
@@ -131,8 +131,8 @@ def _remove_unreachable(base, result: bpe_extend.ExtensionResult) -> tuple[objec
     components = {a + b: (a, b) for a, b in result.merges}
     dropped: list[str] = []
     while True:
-        model = merge.merge_pieces(base, pieces)
-        bad = {model.pieces[i].piece for i in merge.unreachable_pieces(model, len(base.pieces))}
+        model = sentencepiece_model.merge_pieces(base, pieces)
+        bad = {model.pieces[i].piece for i in sentencepiece_model.unreachable_pieces(model, len(base.pieces))}
         if not bad:
             return model, pieces, dropped
         keep = []
@@ -149,15 +149,15 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
     """Run the whole extension; returns the report also written to OUT/report.json."""
     start = time.time()
     lang = profile(config.lang, config.normalize)
-    base = merge.load_model_proto(config.base_model)
+    base = sentencepiece_model.load_model_proto(config.base_model)
     tmp = _prepare_output(config)
     try:
         corpus = split_lines(config.corpus, config.text_key, config.heldout_per_mille, config.progress)
         if not corpus.train:
             raise ValueError(f"corpus {', '.join(map(str, config.corpus))} has no text lines")
         normalize = lang.normalize or (lambda s: s)
-        base_sp = merge.processor(base)
-        segmenter = bpe_extend.BaseSegmenter(merge.processor(base, add_dummy_prefix=False), config.threads)
+        base_sp = sentencepiece_model.processor(base)
+        segmenter = bpe_extend.BaseSegmenter(sentencepiece_model.processor(base, add_dummy_prefix=False), config.threads)
         english = split_lines(config.english, config.text_key, config.heldout_per_mille, config.progress)
         forbidden = bpe_extend.forbidden_pairs(segmenter, list(bpe_extend.count_words(english.train)))
         counts = bpe_extend.count_words(corpus.train, lang.normalize)
@@ -168,13 +168,13 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
         model, pieces, dropped = _remove_unreachable(base, result)
         if dropped:
             log.info("dropped %d unreachable pieces (and pieces built from them)", len(dropped))
-        ext_sp = merge.processor(model)
+        ext_sp = sentencepiece_model.processor(model)
 
         heldout = [normalize(line) for line in corpus.heldout[: config.max_eval_lines]]
         en_heldout = english.heldout[: config.max_eval_lines]
         report = {
             "base_vocab_size": len(base.pieces), "vocab_size": len(model.pieces), "added": len(pieces),
-            "unreachable_added": len(merge.unreachable_pieces(model, len(base.pieces))),
+            "unreachable_added": len(sentencepiece_model.unreachable_pieces(model, len(base.pieces))),
             "new_characters": len(result.new_chars), "dropped_unreachable": len(dropped),
             "fertility": {lang.name: compression(base_sp, ext_sp, heldout)},
             "english_identical_fraction": None,

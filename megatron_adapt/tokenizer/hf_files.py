@@ -18,7 +18,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 from transformers.tokenization_utils_base import generate_merges
 
-SPACE = "\u2581"
+from megatron_adapt.tokenizer.sentencepiece_model import SPACE
 
 
 def build_tokenizer(proto: model_pb2.ModelProto) -> Tokenizer:

@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
-from megatron_adapt.tokenizer.normalize import get_normalizer
+from megatron_adapt.text.normalize import get_normalizer
 
 _VI_ONSETS = ("", "b", "c", "ch", "d", "g", "gh", "gi", "h", "k", "kh", "l", "m", "n", "ng", "ngh", "nh",
               "p", "ph", "qu", "r", "s", "t", "th", "tr", "v", "x")

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from megatron_adapt.model.freeze import FreezePolicy
+from megatron_adapt.model.resize import InitMethod
 
 
 class ConfigError(ValueError):
@@ -28,7 +29,7 @@ class ModelConfig:
     """SentencePiece model of the training data; rows are added if it extends the checkpoint's."""
     base_tokenizer: str = ""
     """The checkpoint's own tokenizer (defaults to hf_dir/tokenizer.model)."""
-    init_method: str = "subword-mean"
+    init_method: InitMethod = "subword-mean"
     """How added rows start: subword-mean, mean, multivariate-normal."""
     init_from: str = ""
     """Another run's checkpoint directory to start from (stage 2 from stage 1); weights only."""
@@ -132,10 +133,17 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(kind, value, key + ".")
     origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        if value not in typing.get_args(kind):
+            choices = ", ".join(str(c) for c in typing.get_args(kind))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return value
+    if kind is str and value is None:  # `--set model.tokenizer=` clears a path
+        return ""
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

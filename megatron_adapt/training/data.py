@@ -21,7 +21,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_adapt.data.blend import BlendEntry
-from megatron_adapt.data.preprocess import MASK_SUFFIX
+from megatron_adapt.data.indexed import MASK_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +91,16 @@ def build_datasets(entries: list[BlendEntry], seq_length: int, seed: int, split:
                                 ([e.prefix for e in members], [e.weight for e in members]))
         _, valid[group], _ = _build(config, [0, eval_samples, 0])
     return train, valid
+
+
+def micro_batches(dataset, start: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                  dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of the global batch that begins at sample ``start``: steps take
+    samples in a fixed order, so the data position of a run is one number (consumed samples)."""
+    per_rank = global_batch_size // dp_size
+    first = start + dp_rank * per_rank
+    out = []
+    for m in range(per_rank // micro_batch_size):
+        samples = [dataset[first + m * micro_batch_size + k] for k in range(micro_batch_size)]
+        out.append({key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")})
+    return out

@@ -14,29 +14,18 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_adapt.model.fused_vocab import fused_loss
-from megatron_adapt.model.loss import masked_sum, token_losses
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside megatron-core's DDP (or any ``.module``) wrapper."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+from megatron_adapt.model.build import unwrap
 
 
 def _loss_func(model, batch: dict[str, torch.Tensor], on_logits: Callable | None,
-               logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+               output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``output``: the last stage's logits, or its hidden states when the model's loss is fused."""
     module = unwrap(model)
-    if getattr(module, "fused_vocab", False):  # the model returned hidden states, not logits
-        if on_logits is not None:
+    if on_logits is not None:
+        if module.vocab_layout.fused:
             raise ValueError("on_logits needs logits: build the model without the fused vocabulary kernels")
-        loss_sum, num_tokens = fused_loss(module, logits, batch["labels"], batch.get("loss_mask"))
-    else:
-        if on_logits is not None:  # a copy: megatron-core's cross entropy overwrites its input in place
-            on_logits(logits.detach().clone())
-        losses = token_losses(logits, batch["labels"], module.true_vocab_size)
-        loss_sum, num_tokens = masked_sum(losses, batch.get("loss_mask"))
+        on_logits(output.detach().clone())  # a copy: megatron-core's cross entropy overwrites its input
+    loss_sum, num_tokens = module.loss_sum(output, batch["labels"], batch.get("loss_mask"))
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 

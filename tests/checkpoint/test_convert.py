@@ -1,7 +1,8 @@
-"""tools/convert_checkpoint.py: HF → megatron-adapt → (TP=2×PP=2 megatron-core) → HF, exact;
-stage-1 training shows in the export; bad checkpoints are refused and leave nothing complete.
+"""Checkpoint conversion: HF → megatron-adapt → (TP=2×PP=2 megatron-core) → HF, exact; stage-1
+training shows in the export; bad checkpoints are refused and leave nothing complete.
 
-The tool runs as users run it, in its own process (it joins a one-process torch.distributed group).
+hf-to-megatron is called as a library function; megatron-to-hf and the refusals run the tool as
+users run it, in its own process (megatron-to-hf joins a one-process torch.distributed group).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from safetensors.torch import load_file
 
+from megatron_adapt.checkpoint import train_state
+from megatron_adapt.checkpoint.convert import hf_to_megatron
+from megatron_adapt.checkpoint.format import latest
 from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.resize import resizing_reader
-from megatron_adapt.training import checkpoint
 from megatron_adapt.training.step import forward_backward
 from tests.multiprocess import run_ranks
 
@@ -50,13 +53,13 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _rank_load_run_and_save(start: str, out_run: str, tokens: torch.Tensor) -> torch.Tensor | None:
-    source = checkpoint.latest(start)
+    source = latest(start)
     model = build_llama(LlamaArchitecture.from_hf_config(source), seq_length=tokens.shape[1])
-    checkpoint.load(source, model)
+    train_state.load(source, model)
     captured: list[torch.Tensor] = []
     forward_backward(model, [dict(tokens=tokens, labels=tokens)], forward_only=True,
                      on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
-    checkpoint.save(out_run, 1, model)  # saved from TP=2×PP=2, exported by one process
+    train_state.save(out_run, 1, model)  # saved from TP=2×PP=2, exported by one process
     last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     return captured[0][..., : model.true_vocab_size] if last else None
 
@@ -66,10 +69,8 @@ def test_hf_to_megatron_tp2_pp2_to_hf(recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 
     hf_dir, tok_dir = recipe / "base_llama", recipe / "tokenizer"
-    start = tmp_path / "start"
-    assert convert(["hf-to-megatron", "--hf-dir", str(hf_dir), "--tokenizer-dir", str(tok_dir),
-                    "--base-tokenizer", str(recipe / "base_tokenizer" / "tokenizer.model"),
-                    "--tp", "2", "--pp", "2", "--output", str(start)]) == 0
+    start = hf_to_megatron(hf_dir, tok_dir, tmp_path / "start", recipe / "base_tokenizer" / "tokenizer.model",
+                           tp=2, pp=2)
     tokens = torch.randint(0, 1500, (1, 24), generator=torch.Generator().manual_seed(0))
     results = run_ranks(_rank_load_run_and_save, str(start), str(tmp_path / "run"), tokens, tp=2, pp=2)
     release = tmp_path / "release"
@@ -174,10 +175,8 @@ def test_reads_pytorch_bin_shards(recipe, tmp_path):
 
 @pytest.mark.distributed
 def test_training_starts_from_a_converted_checkpoint(recipe, tmp_path):
-    start = tmp_path / "start"
-    assert convert(["hf-to-megatron", "--hf-dir", str(recipe / "base_llama"), "--tokenizer-dir", str(recipe / "tokenizer"),
-                    "--base-tokenizer", str(recipe / "base_tokenizer" / "tokenizer.model"),
-                    "--output", str(start)]) == 0
+    start = hf_to_megatron(recipe / "base_llama", recipe / "tokenizer", tmp_path / "start",
+                           recipe / "base_tokenizer" / "tokenizer.model")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_adapt.pretrain",
            "--config", str(recipe / "config.yaml"), "--set", f"checkpoint.save={run}", "--set", f"model.init_from={start}",

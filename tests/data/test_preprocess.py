@@ -17,8 +17,8 @@ import pytest
 import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_adapt.data.preprocess import MASK_SUFFIX
-from megatron_adapt.tokenizer.normalize import normalize_vi
+from megatron_adapt.data.indexed import MASK_SUFFIX
+from megatron_adapt.text.normalize import normalize_vi
 from tests.shared_data import LLAMA2_TOKENIZER, PARALLEL, VIWIKI, require
 from tools.preprocess_data import main
 

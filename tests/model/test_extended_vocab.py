@@ -19,10 +19,16 @@ from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
-from megatron_adapt.model.resize import VocabMismatchError, check_extends, new_rows, resizing_reader, subword_ids
+from megatron_adapt.model.resize import (
+    VocabMismatchError,
+    check_extends,
+    new_rows,
+    resizing_reader,
+    subword_ids,
+)
 from megatron_adapt.model.weights import export_hf_state, load_hf_state
 from megatron_adapt.tokenizer.extend import ExtendConfig, extend_tokenizer
-from megatron_adapt.tokenizer.merge import load_model_proto, processor
+from megatron_adapt.tokenizer.sentencepiece_model import load_model_proto, processor
 from megatron_adapt.tokenizer.train_base import train_llama_like
 from megatron_adapt.training.step import forward_backward
 from tests.multiprocess import run_ranks
@@ -96,7 +102,8 @@ def _rank_resize_freeze_train(hf_dir: str, base_file: str, new_file: str, tokens
     get = resizing_reader(reader.__getitem__, base_file, new_file, "subword-mean")
     new_vocab = get("model.embed_tokens.weight").shape[0]
     arch = LlamaArchitecture.from_hf_config(hf_dir).with_vocab_size(new_vocab)
-    model = build_llama(arch, seq_length=SEQ)
+    freeze = FreezePolicy(train="new_vocab_rows")
+    model = build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE_VOCAB))
     load_hf_state(model, get)
 
     captured: list[torch.Tensor] = []
@@ -106,7 +113,7 @@ def _rank_resize_freeze_train(hf_dir: str, base_file: str, new_file: str, tokens
         forward_backward(model, probe, forward_only=True,
                          on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
 
-    trainable = apply_freeze_policy(model, FreezePolicy(train="new_vocab_rows"), base_vocab_size=BASE_VOCAB)
+    trainable = apply_freeze_policy(model, freeze)
     expected = 0  # rows of this rank's vocabulary slices that fall in [base vocab, new vocab)
     layers = [model.embedding.word_embeddings] if model.pre_process else []
     layers += [model.output_layer] if model.post_process else []

@@ -9,7 +9,7 @@ import torch
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
-from megatron_adapt.model.fused_vocab import self_check, use_fused_vocab
+from megatron_adapt.model.fused_vocab import self_check
 from megatron_adapt.model.weights import export_hf_state
 from megatron_adapt.training.step import forward_backward
 from tests.multiprocess import run_ranks
@@ -21,12 +21,12 @@ def _rank_compare(policy: str) -> dict:
     arch = LlamaArchitecture(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     torch.manual_seed(0)
-    reference = build_llama(arch, seq_length=SEQ)
-    fused = build_llama(arch, seq_length=SEQ)
+    freeze = FreezePolicy(train=policy)
+    reference = build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE))
+    fused = build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE, fused=True))
     fused.load_state_dict(reference.state_dict())
     for model in (reference, fused):
-        apply_freeze_policy(model, FreezePolicy(train=policy), base_vocab_size=BASE)
-    use_fused_vocab(fused)
+        apply_freeze_policy(model, freeze)
     gen = torch.Generator().manual_seed(1)
     batches = [{"tokens": torch.randint(0, VOCAB, (2, SEQ), generator=gen),
                 "labels": torch.randint(0, VOCAB, (2, SEQ), generator=gen),

@@ -7,7 +7,7 @@ import json
 import pytest
 import sentencepiece as spm
 
-from megatron_adapt.tokenizer.merge import load_model_proto, processor
+from megatron_adapt.tokenizer.sentencepiece_model import load_model_proto, processor
 from tests.shared_data import CHINESE, GUTENBERG, LLAMA2_TOKENIZER, TIBETAN, UDHR, require
 from tools.extend_tokenizer import main
 

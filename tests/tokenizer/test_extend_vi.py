@@ -8,9 +8,9 @@ import json
 import pytest
 import sentencepiece as spm
 
+from megatron_adapt.text.normalize import normalize_vi
 from megatron_adapt.tokenizer.extend import split_lines
-from megatron_adapt.tokenizer.merge import load_model_proto, processor
-from megatron_adapt.tokenizer.normalize import normalize_vi
+from megatron_adapt.tokenizer.sentencepiece_model import load_model_proto, processor
 from tests.shared_data import GUTENBERG, LLAMA2_TOKENIZER, PARALLEL, VIWIKI, require
 from tools.extend_tokenizer import main
 

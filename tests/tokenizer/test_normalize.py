@@ -4,7 +4,7 @@ import unicodedata
 
 import pytest
 
-from megatron_adapt.tokenizer.normalize import get_normalizer, normalize_vi
+from megatron_adapt.text.normalize import get_normalizer, normalize_vi
 from tests.shared_data import UDHR, require
 
 

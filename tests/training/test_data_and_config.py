@@ -10,10 +10,11 @@ import torch
 import yaml
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_adapt.checkpoint.format import CheckpointMeta
 from megatron_adapt.data.blend import load_blend
 from megatron_adapt.training.config import ConfigError, load_config
 from megatron_adapt.training.data import DatasetTokenizer, build_datasets
-from megatron_adapt.training.loop import check_inputs
+from megatron_adapt.training.plan import plan_run
 from tests.multiprocess import run_ranks
 
 
@@ -105,15 +106,17 @@ def test_missing_data_prefix_is_named(recipe, tmp_path):
     (tmp_path / "blend.json").write_text(json.dumps(blend))
     config = load_config(recipe / "config.yaml", [f"data.blend={tmp_path / 'blend.json'}"])
     with pytest.raises(FileNotFoundError, match=r"gone/vi has no .*gone/vi\.bin"):
-        check_inputs(config)
+        plan_run(config)
 
 
 def _fake_checkpoint(recipe, run, vocab_size: int, optimizer: str = "replicated") -> None:
-    """What check_inputs reads of a run's latest checkpoint (its config and meta), nothing more."""
+    """What plan_run reads of a run's latest checkpoint (its config and meta), nothing more."""
     (run / "iter_0000001").mkdir(parents=True)
     cfg = json.loads((recipe / "base_llama" / "config.json").read_text())
     (run / "iter_0000001" / "config.json").write_text(json.dumps(dict(cfg, vocab_size=vocab_size)))
-    (run / "iter_0000001" / "meta.json").write_text(json.dumps({"optimizer": optimizer}))
+    meta = CheckpointMeta(iteration=1, consumed_samples=0, layout={"tp": 1, "pp": 1, "world": 1},
+                          contents=["model", "optimizer", "rng"], optimizer=optimizer)
+    (run / "iter_0000001" / "meta.json").write_text(meta.to_json())
     (run / "latest").write_text("iter_0000001")
 
 
@@ -121,7 +124,7 @@ def test_resume_with_another_kind_of_optimizer_is_refused(recipe, tmp_path):
     _fake_checkpoint(recipe, tmp_path / "run", vocab_size=1500, optimizer="distributed")
     config = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="saved by the distributed optimizer, this run uses the replicated"):
-        check_inputs(config)
+        plan_run(config)
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint(recipe, tmp_path):
@@ -129,7 +132,7 @@ def test_tokenizer_that_does_not_match_the_checkpoint(recipe, tmp_path):
     _fake_checkpoint(recipe, tmp_path / "run", vocab_size=1000)
     config = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=r"model.tokenizer: .* has 1500 pieces but checkpoint .* has 1000"):
-        check_inputs(config)
+        plan_run(config)
 
 
 @pytest.mark.parametrize("name", ["stage1_7b", "stage2_7b", "tiny_cpu_stage1", "tiny_cpu_stage2"])
@@ -148,7 +151,7 @@ def test_stage1_needs_the_base_tokenizer_to_find_new_rows(recipe, tmp_path):
                                                   f"model.base_tokenizer={tmp_path / 'nope.model'}",
                                                   "train.freeze={train: new_vocab_rows}"])
     with pytest.raises(ConfigError, match="model.base_tokenizer: .*nope.model does not exist"):
-        check_inputs(config)
+        plan_run(config)
 
 
 def test_pretrain_refuses_an_unsupported_model_by_name(recipe, tmp_path, capsys):
@@ -164,3 +167,34 @@ def test_pretrain_refuses_an_unsupported_model_by_name(recipe, tmp_path, capsys)
                  "--set", f"checkpoint.save={tmp_path / 'run'}"]) == 2
     assert "hidden_act='gelu'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists(), "a refused run created its run directory"
+
+
+def test_bad_settings_are_refused_before_distributed_init(recipe, tmp_path, monkeypatch, capsys):
+    from megatron_adapt import distributed
+    from megatron_adapt.pretrain import main
+
+    started = []
+    monkeypatch.setattr(distributed, "initialize", lambda *args, **kwargs: started.append(args))
+    base = ["--config", str(recipe / "config.yaml"), "--set", f"checkpoint.save={tmp_path / 'run'}"]
+    assert main(base + ["--set", "model.init_method=zeros"]) == 2
+    assert "model.init_method: 'zeros' is not one of subword-mean, mean, multivariate-normal" in capsys.readouterr().err
+    assert main(base + ["--set", "train.freeze={train: everything}"]) == 2
+    assert "train.freeze.train: 'everything' is not one of all, new_vocab_rows" in capsys.readouterr().err
+    assert not started, "distributed.initialize ran for a config that had to be refused"
+    assert not (tmp_path / "run").exists(), "a refused run created its run directory"
+
+
+def test_end_of_document_id_is_not_guessed(recipe, tmp_path):
+    """LLaMA-3 configs give eos_token_id as a list: without the data's tokenizer the EOD id is unknown."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(recipe / "base_llama", hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=[2, 7])))
+    config = load_config(recipe / "config.yaml", [f"model.hf_dir={hf}", "model.tokenizer=",
+                                                  f"checkpoint.save={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"model.tokenizer: config.json's eos_token_id is \[2, 7\]"):
+        plan_run(config)
+    assert plan_run(load_config(recipe / "config.yaml", [f"model.hf_dir={hf}", f"checkpoint.save={tmp_path / 'r'}"])
+                    ).eod_id == 2, "the data's tokenizer names the EOD id"

@@ -1,6 +1,6 @@
-"""Merge learned pieces into a base SentencePiece BPE model, and check the result.
+"""SentencePiece model files as ModelProto: load (BPE only), make processors, append pieces, check.
 
-The base ModelProto is copied whole (pieces, ids, types, scores, trainer and normalizer specs,
+Appending learned pieces: the base ModelProto is copied whole (pieces, ids, types, scores, trainer and normalizer specs,
 byte fallback), and the new pieces are appended after it. SentencePiece BPE picks the adjacent
 pair whose joined piece has the highest score, so giving every new piece a score below the base
 model's lowest, decreasing in learning order, makes encoding replay the base model first and then
@@ -15,6 +15,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 NORMAL = model_pb2.ModelProto.SentencePiece.NORMAL
+SPACE = "\u2581"
+"""SentencePiece's visible space: the first character of a word-initial piece."""
 
 
 class BaseModelError(ValueError):
@@ -66,6 +68,6 @@ def unreachable_pieces(model: model_pb2.ModelProto, first_id: int) -> list[int]:
     """Ids ≥ first_id whose piece, encoded alone, does not give back exactly that id."""
     sp = processor(model, add_dummy_prefix=False)
     ids = list(range(first_id, len(model.pieces)))
-    texts = [model.pieces[i].piece.replace("\u2581", " ") for i in ids]
+    texts = [model.pieces[i].piece.replace(SPACE, " ") for i in ids]
     encoded = sp.encode(texts, out_type=int)
     return [i for i, got in zip(ids, encoded) if got != [i]]

@@ -1,30 +1,15 @@
-"""Training checkpoints on megatron-core distributed checkpointing, marked complete last.
-
-    RUN/iter_0000500/dist/        megatron-core distributed checkpoint (torch_dist): the weights,
-                                  the optimizer (fp32 master weights, Adam moments; sharded the
-                                  same way with or without the distributed optimizer) and each
-                                  rank's RNG states
-    RUN/iter_0000500/config.json  the model's HF config: what the next run and the tools read
-                                  before they build anything
-    RUN/iter_0000500/meta.json    iteration, consumed samples, LR schedule, layout — written last
-    RUN/latest                    name of the newest complete checkpoint, replaced atomically
+"""A run's training state, saved and restored through megatron-core distributed checkpointing.
 
 Every tensor is stored as a slice of its global (unsharded) tensor, so a checkpoint loads at any
-TP/PP/DP layout with its optimizer state; only the RNG states, which belong to ranks, are
-restored just at the layout they were saved from. Everything is written into ``iter_N.tmp`` and
-renamed once every rank has finished; a killed save leaves only a ``.tmp`` directory, which the
-next save removes.
-
-A start checkpoint from ``tools/convert_checkpoint.py hf-to-megatron`` has ``model/`` (weights in
-HF layout, which the converter streams without building the model) instead of ``dist/``; runs
-start from it through ``model.init_from`` and never resume from it.
+TP/PP/DP layout with its optimizer state (fp32 master weights, Adam moments; sharded the same way
+with or without the distributed optimizer); only the RNG states, which belong to ranks, are
+restored just at the layout they were saved from. Where the files go and what makes a checkpoint
+complete is ``checkpoint.format``'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -45,10 +30,18 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 )
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_adapt.checkpoint.format import (
+    WEIGHTS_DIST,
+    WEIGHTS_HF,
+    CheckpointMeta,
+    OptimizerKind,
+    commit,
+    iteration_name,
+    staging_dir,
+)
 from megatron_adapt.checkpoint.hf import load_hf_checkpoint
-from megatron_adapt.model.config import LlamaArchitecture
-from megatron_adapt.model.freeze import trainable_row_shards
-from megatron_adapt.training.step import unwrap
+from megatron_adapt.model.build import unwrap
+from megatron_adapt.model.vocab import trainable_row_shards
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +67,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    pointer = Path(run_dir) / "latest"
-    if not pointer.exists():
-        return None
-    path = Path(run_dir) / pointer.read_text().strip()
-    if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
 
 
 def _rng_object() -> ShardedObject:
@@ -124,70 +106,59 @@ def save(run_dir: str | Path, iteration: int, model, optimizer=None, scheduler=N
 
     Without an optimizer only the weights are saved: a checkpoint to start a stage from.
     """
-    run_dir = Path(run_dir)
-    final = run_dir / f"iter_{iteration:07d}"
-    tmp = run_dir / f"iter_{iteration:07d}.tmp"
+    staged = staging_dir(run_dir, iteration)
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "dist").mkdir(parents=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        (staged / WEIGHTS_DIST).mkdir(parents=True)
     dist.barrier()
     resumable = optimizer is not None
-    write_dist(sharded_state(model, optimizer, with_rng=resumable), tmp / "dist")
+    write_dist(sharded_state(model, optimizer, with_rng=resumable), staged / WEIGHTS_DIST)
+    final = Path(run_dir) / iteration_name(iteration)
     if rank == 0:
-        arch: LlamaArchitecture = unwrap(model).architecture
-        (tmp / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
-        meta = {"iteration": iteration, "consumed_samples": consumed_samples, "layout": _layout(),
-                "contents": ["model", "optimizer", "rng"] if resumable else ["model"],
-                "optimizer": optimizer_kind(optimizer) if resumable else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None, "config": config or {}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, final)
-        pointer_tmp = run_dir / ".latest.tmp"
-        pointer_tmp.write_text(final.name)
-        os.replace(pointer_tmp, run_dir / "latest")
-        complete = sorted(p for p in run_dir.glob("iter_???????") if (p / "meta.json").exists())
-        for old in complete[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in run_dir.glob("iter_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        meta = CheckpointMeta(iteration=iteration, consumed_samples=consumed_samples, layout=_layout(),
+                              contents=["model", "optimizer", "rng"] if resumable else ["model"],
+                              optimizer=optimizer_kind(optimizer) if resumable else None,
+                              scheduler=scheduler.state_dict() if scheduler is not None else None,
+                              config=config or {})
+        commit(run_dir, meta, unwrap(model).architecture, keep)
     dist.barrier()
     if rank == 0:
         log.info("saved checkpoint %s", final)
     return final
 
 
-def optimizer_kind(optimizer) -> str:
+def optimizer_kind(optimizer) -> OptimizerKind:
     """'distributed' (state sharded over DP) or 'replicated': their checkpoints do not mix."""
     inner = getattr(optimizer, "chained_optimizers", [optimizer])[0]
     return "distributed" if isinstance(inner, DistributedOptimizer) else "replicated"
 
 
-def load(path: Path, model, optimizer=None, scheduler=None) -> dict[str, Any]:
+def load(path: Path, model, optimizer=None, scheduler=None) -> CheckpointMeta:
     """Restore a checkpoint into a built model (and optimizer/scheduler); returns its meta.
 
     The model alone is what a new stage starts from; with the optimizer it is a resume.
     """
-    meta = json.loads((path / "meta.json").read_text())
-    if optimizer is not None and "optimizer" not in meta["contents"]:
+    meta = CheckpointMeta.read(path)
+    if optimizer is not None and not meta.resumable:
         raise FileNotFoundError(f"{path} holds no optimizer state (a converted or weights-only checkpoint): "
                                 "start from it with model.init_from instead of resuming")
-    if not (path / "dist").exists():  # a converted start (tools/convert_checkpoint.py): HF layout
-        load_hf_checkpoint(unwrap(model), path / "model")
+    if not (path / WEIGHTS_DIST).exists():  # a converted start: HF layout
+        load_hf_checkpoint(unwrap(model), path / WEIGHTS_HF)
         return meta
-    same_layout = meta["layout"] == _layout()
+    same_layout = meta.layout == _layout()
+    directory = str(path / WEIGHTS_DIST)
     state = sharded_state(model, optimizer, with_rng=optimizer is not None and same_layout, loading=True)
-    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path / "dist")), _dp_group())
-    loaded = dist_checkpointing.load(state, str(path / "dist"), sharded_strategy=strategy)
+    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), _dp_group())
+    loaded = dist_checkpointing.load(state, directory, sharded_strategy=strategy)
     unwrap(model).load_state_dict(loaded["model"])
     if optimizer is None:
         return meta
     optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(meta["scheduler"])
+    scheduler.load_state_dict(meta.scheduler)
     if same_layout:
         set_rng_state(loaded["rng"])
     else:
         log.warning("checkpoint layout %s differs from this run's %s: weights, optimizer state, LR schedule and "
-                    "data position restored; RNG streams start from the seed", meta["layout"], _layout())
+                    "data position restored; RNG streams start from the seed", meta.layout, _layout())
     return meta
-

@@ -1,0 +1,154 @@
+"""Conversions between Hugging Face LLaMA checkpoints and megatron-adapt run directories.
+
+Neither direction builds the model: peak memory is about one tensor (a layer's, for a training
+checkpoint), not a shard or the model. ``hf_to_megatron`` writes a start checkpoint whose weights
+stay in HF tensor layout (resized and streamed tensor by tensor through ``streaming``), which
+training at any TP/PP starts from (``model.init_from``); ``megatron_to_hf`` reads a training
+checkpoint (megatron-core distributed) one layer slice at a time through ``dist_reader``. Output is
+written under a temporary name and renamed, so an interrupted conversion leaves nothing that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from megatron_adapt import distributed
+from megatron_adapt.checkpoint.dist_reader import DistCheckpointReader
+from megatron_adapt.checkpoint.format import (
+    WEIGHTS_DIST,
+    WEIGHTS_HF,
+    CheckpointMeta,
+    commit,
+    resolve,
+    staging_dir,
+)
+from megatron_adapt.checkpoint.hf import INDEX_NAME, HFCheckpointReader
+from megatron_adapt.checkpoint.streaming import plan_shards, write_shard
+from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.resize import RESIZED, InitMethod, resizing_reader
+from megatron_adapt.model.weights import CheckpointMismatchError, hf_shapes
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+def write_hf_shards(arch: LlamaArchitecture, get: Callable[[str], torch.Tensor], out: Path, dtype: torch.dtype,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    """All tensors of ``arch`` in safetensors shards with an index, one tensor in memory at a time."""
+    shapes = hf_shapes(arch)
+    shards = plan_shards(shapes, dtype, max_shard_bytes)
+    weight_map, total = {}, 0
+    bar = tqdm(total=len(shapes), desc="tensors", disable=not sys.stderr.isatty())
+    for i, names in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += write_shard(out / name, names, shapes, dtype, get, on_tensor=bar.update)
+        weight_map.update({n: name for n in names})
+    bar.close()
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def check_complete(reader: HFCheckpointReader, arch: LlamaArchitecture) -> None:
+    """Every tensor ``arch`` implies is in the checkpoint, readable, with its shape."""
+    for name, shape in hf_shapes(arch).items():
+        if name not in reader.weight_map:
+            raise CheckpointMismatchError(f"{reader.directory}: index has no entry for {name}")
+        shard = reader.directory / reader.weight_map[name]
+        try:
+            with safe_open(shard, "pt") as f:
+                got = tuple(f.get_slice(name).get_shape())
+        except Exception as err:  # truncated or corrupt shard
+            raise CheckpointMismatchError(f"{shard}: cannot read {name} ({err})") from None
+        if got != shape:
+            raise CheckpointMismatchError(f"tensor {name}: checkpoint shape {got} != shape {shape} implied by the config")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def hf_to_megatron(hf_dir: str | Path, tokenizer_dir: str | Path, output: str | Path,
+                   base_tokenizer: str | Path | None = None, init: InitMethod = "subword-mean",
+                   dtype: torch.dtype | None = None, tp: int = 1, pp: int = 1,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """A start checkpoint (run directory) from an HF checkpoint, its vocabulary grown to the tokenizer
+    in ``tokenizer_dir``. ``tp``/``pp`` are only checked to divide the model: any layout starts
+    from the output. ``dtype`` None keeps the checkpoint's."""
+    reader = HFCheckpointReader(hf_dir)
+    arch = LlamaArchitecture.from_hf_config(hf_dir)
+    check_complete(reader, arch)
+    tokenizer = Path(tokenizer_dir) / "tokenizer.model"
+    get = resizing_reader(reader.__getitem__, str(base_tokenizer or Path(hf_dir) / "tokenizer.model"),
+                          str(tokenizer), init)
+    arch = arch.with_vocab_size(get(RESIZED[0]).shape[0])
+    arch.check_parallel_layout(tp, pp)
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_dir = staging_dir(tmp, 0) / WEIGHTS_HF
+    model_dir.mkdir(parents=True)
+    write_hf_shards(arch, get, model_dir, dtype or reader["model.norm.weight"].dtype, max_shard_bytes)
+    (model_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
+    meta = CheckpointMeta(iteration=0, consumed_samples=0, layout={"tp": tp, "pp": pp, "world": 0}, contents=["model"],
+                          config={"converted_from": str(hf_dir), "tokenizer": str(tokenizer), "init": init})
+    commit(tmp, meta, arch)
+    _replace_dir(tmp, out)
+    return out
+
+
+def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: str | Path | None = None,
+                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """An HF model directory (weights, config, generation config, tokenizer files) from a run directory's
+    latest checkpoint or an ``iter_N`` directory. The tokenizer defaults to the one the checkpoint
+    records. Joins a one-process torch.distributed group for a training checkpoint."""
+    source = resolve(checkpoint)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else _recorded_tokenizer_dir(source)
+    for name in TOKENIZER_FILES:
+        if not (tok_dir / name).exists():
+            raise FileNotFoundError(f"{tok_dir / name}: tokenizer file missing (run tools/extend_tokenizer.py)")
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if (source / WEIGHTS_DIST).exists():
+        distributed.initialize()
+        try:
+            reader = DistCheckpointReader(source)
+            write_hf_shards(reader.arch, reader.__getitem__, tmp, dtype, max_shard_bytes)
+        finally:
+            distributed.destroy()
+        arch = reader.arch
+    else:  # a converted start checkpoint: HF layout already
+        hf_reader = HFCheckpointReader(source / WEIGHTS_HF)
+        arch = LlamaArchitecture.from_hf_config(source / WEIGHTS_HF)
+        check_complete(hf_reader, arch)
+        write_hf_shards(arch, hf_reader.__getitem__, tmp, dtype, max_shard_bytes)
+    config = arch.to_hf_config()
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "do_sample": True,
+                  "temperature": 0.7, "top_p": 0.9, "max_length": arch.max_position_embeddings}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    for name in TOKENIZER_FILES:
+        shutil.copy(tok_dir / name, tmp / name)
+    _replace_dir(tmp, out)
+    return out
+
+
+def _recorded_tokenizer_dir(checkpoint: Path) -> Path:
+    """The tokenizer a checkpoint was trained (or converted) with, from its meta.json."""
+    model_file = CheckpointMeta.read(checkpoint).tokenizer
+    if not model_file:
+        raise FileNotFoundError(f"{checkpoint}/meta.json records no tokenizer; pass --tokenizer-dir")
+    return Path(model_file).parent

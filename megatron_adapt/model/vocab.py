@@ -1,0 +1,217 @@
+"""The vocabulary layers (embedding table, output layer), declared when the model is built.
+
+megatron-core's GPTModel creates its VocabParallelEmbedding and output ColumnParallelLinear itself
+and has no spec to swap them, so ``build.LlamaGPTModel`` adopts the two instances into the
+subclasses below right after megatron-core made them, before any weight is loaded. Everything that
+treats these layers differently asks one marker type, ``VocabRows``, and its typed attributes.
+
+A ``VocabLayout`` says what they do:
+
+- **Row split** (stage 1 trains only the rows of added tokens). A gradient mask would still
+  allocate a gradient and optimizer state for every row (16 bytes per parameter with Adam in mixed
+  precision) and let weight decay move the masked rows. Instead each TP rank's slice keeps all its
+  rows in one buffer, and only the added rows are a Parameter, a view of those rows. ``weight``
+  returns the whole slice through an autograd function whose backward hands back the trainable
+  rows' gradient only. ``state_dict`` still holds one ordinary ``weight``, so checkpoints and the
+  HF export do not know about the split.
+- **Fused**: the embedding looks its ids up with ``kernels.embedding.vocab_embedding`` over the
+  two tables (no gradient for the frozen one), and the output layer hands the final hidden states
+  on instead of logits; ``LlamaGPTModel.loss_sum`` then applies the output weight inside
+  ``kernels.linear_cross_entropy`` (no [tokens, vocab] logits tensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+
+from megatron_adapt.kernels.embedding import vocab_embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabLayout:
+    """How the embedding and output layer are built."""
+
+    first_trainable: int | None = None
+    """Global id of the first row that trains (stage 1: the base vocabulary size); None: every row."""
+    fused: bool = False
+    """Lookup and loss through the fused kernels (``model.fused_vocab.fused_vocab_supported``)."""
+
+
+def vocab_slice_start(rows_per_rank: int) -> int:
+    """Global id of this TP rank's first vocabulary row (the padded vocabulary splits evenly)."""
+    return parallel_state.get_tensor_model_parallel_rank() * rows_per_rank
+
+
+def _sync_rows(trainable: torch.Tensor, full: torch.Tensor, start: int, stop: int) -> None:
+    """Write the trainable rows into the whole slice if they no longer alias it."""
+    if trainable.data_ptr() != full[start:stop].data_ptr():  # an optimizer re-homed the param
+        full.data[start:stop].copy_(trainable.data)  # .data: no version bump for saved tensors
+
+
+class _JoinRows(torch.autograd.Function):
+    """Forward: the whole slice (trainable rows written in if they no longer alias it).
+    Backward: the gradient of the trainable rows only."""
+
+    @staticmethod
+    def forward(ctx, trainable: torch.Tensor, full: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        ctx.start, ctx.stop = start, stop
+        _sync_rows(trainable, full, start, stop)
+        return full.view_as(full)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.start:ctx.stop], None, None, None
+
+
+class VocabRows:
+    """Marker of the two vocabulary layers, mixed in before megatron-core's class."""
+
+    vocab_start: int
+    """Global id of this rank's first row."""
+    new_rows: tuple[int, int] | None
+    """Global ids [first, end) of the rows that train when the table is row-split; None otherwise."""
+    trainable_span: tuple[int, int]
+    """Rows [start, stop) of this rank's slice that train (all of them when not split)."""
+    fused: bool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.new_rows is None:
+            return self._parameters["weight"]
+        return _JoinRows.apply(self.trainable_rows, self.all_rows, *self.trainable_span)
+
+    def _adopt(self, layout: VocabLayout, true_vocab_size: int) -> None:
+        weight = self._parameters["weight"]
+        self.fused = layout.fused
+        self.vocab_start = vocab_slice_start(weight.shape[0])
+        self.new_rows = None
+        self.trainable_span = (0, weight.shape[0])
+        if layout.first_trainable is not None:
+            self._split_rows(weight, layout.first_trainable, true_vocab_size)
+
+    def _split_rows(self, weight: torch.nn.Parameter, first: int, end: int) -> None:
+        rows = weight.shape[0]
+        start = min(max(first - self.vocab_start, 0), rows)
+        stop = min(max(end - self.vocab_start, start), rows)
+        del self._parameters["weight"]
+        self.register_buffer("all_rows", weight.data, persistent=True)
+        # Trainable even with no rows (a slice without added tokens): every TP rank must build the
+        # same autograd graph, or the backward pass's collectives would not pair up.
+        self.trainable_rows = torch.nn.Parameter(weight.data[start:stop], requires_grad=True)
+        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+            if hasattr(weight, attr):
+                setattr(self.trainable_rows, attr, getattr(weight, attr))
+        self.new_rows, self.trainable_span = (first, end), (start, stop)
+        self._register_state_dict_hook(_state_dict_hook)
+        self._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
+
+
+def _state_dict_hook(module: VocabRows, state_dict, prefix, local_metadata) -> None:
+    start, stop = module.trainable_span
+    full = module.all_rows.detach().clone()
+    full[start:stop] = module.trainable_rows.detach()
+    state_dict.pop(prefix + "trainable_rows", None)
+    state_dict.pop(prefix + "all_rows", None)
+    state_dict[prefix + "weight"] = full
+
+
+def _load_state_dict_pre_hook(module: VocabRows, state_dict, prefix, *args) -> None:
+    weight = state_dict.pop(prefix + "weight", None)
+    if weight is not None:
+        start, stop = module.trainable_span
+        state_dict[prefix + "all_rows"] = weight
+        state_dict[prefix + "trainable_rows"] = weight[start:stop]
+
+
+class VocabEmbedding(VocabRows, VocabParallelEmbedding):
+    """The word embedding: megatron-core's, or with the fused layout one lookup op over both tables."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(input_)
+        table, trainable, (start, _) = vocab_tables(self)
+        output = vocab_embedding(input_, table, trainable, self.vocab_start, start)
+        if self.reduce_scatter_embeddings:
+            return reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous(),
+                                                             group=self.tp_group)
+        return reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
+
+
+class VocabOutput(VocabRows, ColumnParallelLinear):
+    """The output layer: logits, or with the fused layout the hidden states passed on, for the loss
+    to apply the weight together with the cross entropy."""
+
+    def _adopt(self, layout: VocabLayout, true_vocab_size: int) -> None:
+        if layout.fused and self.sequence_parallel:
+            raise ValueError("the fused output loss does not take sequence-parallel hidden states")
+        super()._adopt(layout, true_vocab_size)
+
+    def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
+        if not self.fused:
+            return super().forward(input_, weight, runtime_gather_output)
+        return input_, None
+
+
+def adopt_vocab_layer(layer: torch.nn.Module, layout: VocabLayout, true_vocab_size: int) -> VocabRows:
+    """Turn megatron-core's freshly built embedding or output layer into ours (weights untouched)."""
+    if isinstance(layer, VocabParallelEmbedding):
+        layer.__class__ = VocabEmbedding
+    elif isinstance(layer, ColumnParallelLinear):
+        layer.__class__ = VocabOutput
+    else:
+        raise TypeError(f"{type(layer).__name__} is not a vocabulary layer megatron-core builds")
+    layer._adopt(layout, true_vocab_size)
+    return layer
+
+
+def vocab_tables(layer: VocabRows) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(whole slice, trainable rows, their span in the slice): for a row-split layer the trainable
+    rows are their own Parameter; otherwise the whole weight trains."""
+    if layer.new_rows is not None:
+        _sync_rows(layer.trainable_rows, layer.all_rows, *layer.trainable_span)
+        return layer.all_rows, layer.trainable_rows, layer.trainable_span
+    weight = layer.weight
+    return weight.detach(), weight, layer.trainable_span
+
+
+def vocab_layers(model: torch.nn.Module) -> list[VocabRows]:
+    """The embedding and output layer on this rank's pipeline stage."""
+    layers = []
+    if getattr(model, "pre_process", False):
+        layers.append(model.embedding.word_embeddings)
+    if getattr(model, "post_process", False):
+        layers.append(model.output_layer)
+    return layers
+
+
+def trainable_row_shards(model: torch.nn.Module) -> dict[str, ShardedTensor]:
+    """Where each row-split layer's trainable rows sit in the checkpoint, for the optimizer.
+
+    megatron-core finds a parameter's optimizer state a home by looking the parameter up in the
+    model's sharded state dict; ``trainable_rows`` is not there (the model saves one ``weight``).
+    Its state is keyed as a slice of a global tensor of all added rows, which is the same for every
+    TP layout, so stage-1 optimizer state reshards like any other.
+    """
+    shards = {}
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, VocabRows) or layer.new_rows is None:
+            continue
+        rows = layer.trainable_rows
+        first, end = layer.new_rows
+        offset = min(max(layer.vocab_start + layer.trainable_span[0] - first, 0), end - first)  # empty: clamped
+        shards[f"{name}.trainable_rows"] = ShardedTensor(
+            key=f"{name}.weight.added_rows", data=rows, dtype=rows.dtype, local_shape=tuple(rows.shape),
+            global_shape=(end - first, rows.shape[1]), global_offset=(offset, 0), axis_fragmentations=None,
+            replica_id=(0, 0, dp_rank))
+    return shards

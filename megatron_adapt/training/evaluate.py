@@ -1,0 +1,33 @@
+"""Validation during training: the loss per blend group on held-out samples."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_adapt.distributed import data_parallel_mean
+from megatron_adapt.training.config import Config
+from megatron_adapt.training.data import micro_batches
+from megatron_adapt.training.step import forward_backward
+
+
+def evaluate(model, valid_sets: dict, config: Config, iteration: int) -> dict[str, float]:
+    """Validation loss per blend group over ``eval_steps`` global batches (different ones each round)."""
+    out = {}
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    gbs, steps = config.train.global_batch_size, config.train.eval_steps
+    round_index = iteration // config.train.eval_interval - 1
+    model.eval()
+    with torch.no_grad():
+        for group, dataset in valid_sets.items():
+            if dataset is None:
+                continue
+            losses = []
+            for k in range(steps):
+                start = ((round_index * steps + k) * gbs) % max(len(dataset) - gbs + 1, 1)
+                batches = micro_batches(dataset, start, gbs, config.train.micro_batch_size, dp_rank, dp_size)
+                losses.append(forward_backward(model, batches, forward_only=True))
+            if losses[0] is not None:
+                out[f"valid_loss/{group}"] = data_parallel_mean(sum(losses) / len(losses))
+    model.train()
+    return out

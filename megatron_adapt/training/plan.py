@@ -1,0 +1,109 @@
+"""What a training run will do, decided once from its config before anything is built.
+
+Everything that can be refused is refused here, on one process, before ``distributed.initialize``
+and before a model is built, so a bad config never costs a queue wait and a GPU hour: which
+checkpoint the run starts from and whether it resumes, the architecture with its vocabulary size,
+which rows are the base vocabulary, the end-of-document id the data was made with, the optimizer
+kind, the data blend and the parallel layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from megatron_adapt.checkpoint.format import CheckpointMeta, latest
+from megatron_adapt.data.blend import BlendEntry, load_blend
+from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.vocab import VocabLayout
+from megatron_adapt.training.config import Config, ConfigError
+from megatron_adapt.training.optim import optimizer_kind_for_this_machine
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    arch: LlamaArchitecture
+    """The model as it trains (vocabulary grown to ``tokenizer`` where that extends the checkpoint)."""
+    source: Path | None
+    """Checkpoint the weights come from; None: the HF checkpoint ``model.hf_dir``."""
+    resuming: bool
+    """``source`` is this run's own checkpoint: optimizer, schedule and data position come back too."""
+    base_vocab: int
+    """Rows of the vocabulary the start checkpoint was trained with (stage 1 trains the rest)."""
+    base_tokenizer: str
+    tokenizer: str | None
+    """The SentencePiece model the data was preprocessed with, if the config names one."""
+    eod_id: int
+    blend: list[BlendEntry]
+    params_dtype: torch.dtype
+    distributed_optimizer: bool
+
+    def vocab_layout(self, config: Config, fused: bool) -> VocabLayout:
+        return config.train.freeze.vocab_layout(self.base_vocab, fused)
+
+
+def _source_checkpoint(config: Config) -> tuple[Path | None, bool]:
+    """(checkpoint to start from, whether it is this run's own = a resume)."""
+    own = latest(config.checkpoint.save)
+    if own is not None:
+        return own, True
+    if config.model.init_from:
+        other = latest(config.model.init_from)
+        if other is None:
+            raise ConfigError(f"model.init_from: {config.model.init_from} has no complete checkpoint")
+        return other, False
+    return None, False
+
+
+def _pieces(model_file: str) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=model_file)
+
+
+def _base_vocab(config: Config, arch: LlamaArchitecture, base_tokenizer: Path, source: Path | None) -> int:
+    if base_tokenizer.exists():
+        return _pieces(str(base_tokenizer)).get_piece_size()
+    if source is not None and config.train.freeze.train == "new_vocab_rows":
+        raise ConfigError(f"model.base_tokenizer: {base_tokenizer} does not exist; it tells which rows are new")
+    return arch.vocab_size  # the checkpoint's own rows are the base vocabulary
+
+
+def _eod_id(tokenizer: str | None, arch: LlamaArchitecture) -> int:
+    """The end-of-document id the data was preprocessed with: the tokenizer's EOS."""
+    if tokenizer:
+        return _pieces(tokenizer).eos_id()
+    if isinstance(arch.eos_token_id, int):
+        return arch.eos_token_id
+    raise ConfigError(f"model.tokenizer: config.json's eos_token_id is {arch.eos_token_id!r}, not one id; name "
+                      "the tokenizer the data was preprocessed with, whose EOS ends every document")
+
+
+def plan_run(config: Config) -> RunPlan:
+    source, resuming = _source_checkpoint(config)
+    arch = LlamaArchitecture.from_hf_config(source if source else Path(config.model.hf_dir))
+    base_tokenizer = Path(config.model.base_tokenizer or Path(config.model.hf_dir) / "tokenizer.model")
+    base_vocab = _base_vocab(config, arch, base_tokenizer, source)
+    if config.model.tokenizer:
+        vocab = _pieces(config.model.tokenizer).get_piece_size()
+        if source is not None and vocab != arch.vocab_size:
+            raise ConfigError(f"model.tokenizer: {config.model.tokenizer} has {vocab} pieces but checkpoint "
+                              f"{source} has {arch.vocab_size} vocabulary rows")
+        if source is None and vocab < arch.vocab_size:
+            raise ConfigError(f"model.tokenizer: {config.model.tokenizer} has {vocab} pieces, fewer than "
+                              f"{config.model.hf_dir}'s {arch.vocab_size}")
+        arch = arch.with_vocab_size(vocab)
+    planned = optimizer_kind_for_this_machine()
+    if resuming:
+        saved = CheckpointMeta.read(source).optimizer
+        if saved and saved != planned:
+            raise ConfigError(f"{source} was saved by the {saved} optimizer, this run uses the {planned} one "
+                              "(their states differ in form): resume on the same kind of machine")
+    blend = load_blend(config.data.blend)  # names any missing data prefix
+    arch.check_parallel_layout(config.parallel.tp, config.parallel.pp)
+    return RunPlan(arch=arch, source=source, resuming=resuming, base_vocab=base_vocab,
+                   base_tokenizer=str(base_tokenizer), tokenizer=config.model.tokenizer or None,
+                   eod_id=_eod_id(config.model.tokenizer, arch), blend=blend,
+                   params_dtype=torch.bfloat16 if config.optim.bf16 else torch.float32,
+                   distributed_optimizer=planned == "distributed")
