@@ -37,6 +37,8 @@ from megatron_adapt.checkpoint.streaming import plan_shards, write_shard
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.resize import RESIZED, InitMethod, resizing_reader
 from megatron_adapt.model.weights import CheckpointMismatchError, hf_shapes
+from megatron_adapt.tokenizer.hf_files import write_hf_files
+from megatron_adapt.tokenizer.sentencepiece_model import load_model_proto
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -114,9 +116,8 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
     records. Joins a one-process torch.distributed group for a training checkpoint."""
     source = resolve(checkpoint)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else _recorded_tokenizer_dir(source)
-    for name in TOKENIZER_FILES:
-        if not (tok_dir / name).exists():
-            raise FileNotFoundError(f"{tok_dir / name}: tokenizer file missing (run tools/extend_tokenizer.py)")
+    if not (tok_dir / "tokenizer.model").exists():
+        raise FileNotFoundError(f"{tok_dir / 'tokenizer.model'}: tokenizer file missing (run tools/extend_tokenizer.py)")
     out = Path(output)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -140,10 +141,20 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
     generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "do_sample": True,
                   "temperature": 0.7, "top_p": 0.9, "max_length": arch.max_position_embeddings}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    for name in TOKENIZER_FILES:
-        shutil.copy(tok_dir / name, tmp / name)
+    _copy_tokenizer(tok_dir, tmp)
     _replace_dir(tmp, out)
     return out
+
+
+def _copy_tokenizer(tok_dir: Path, out: Path) -> None:
+    """The tokenizer files beside the weights; a directory with only ``tokenizer.model`` (a base
+    tokenizer, say) gets its HF files written from it."""
+    shutil.copy(tok_dir / "tokenizer.model", out / "tokenizer.model")
+    if all((tok_dir / name).exists() for name in TOKENIZER_FILES):
+        for name in TOKENIZER_FILES[1:]:
+            shutil.copy(tok_dir / name, out / name)
+    else:
+        write_hf_files(load_model_proto(tok_dir / "tokenizer.model"), out)
 
 
 def _recorded_tokenizer_dir(checkpoint: Path) -> Path:

@@ -53,6 +53,8 @@ def new_rows(old: torch.Tensor, method: InitMethod, n_new: int, subwords: list[l
              generator: torch.Generator | None = None) -> torch.Tensor:
     """[n_new, hidden] rows for the added ids, computed in fp32 (or the input's higher precision)."""
     old = old.to(torch.promote_types(old.dtype, torch.float32))
+    if n_new == 0:  # a tokenizer that adds nothing: no rows (one empty bag would make a bogus one)
+        return old.new_empty((0, old.shape[1]))
     mean = old.mean(0)
     if method == "subword-mean":
         if subwords is None or len(subwords) != n_new:
@@ -91,7 +93,7 @@ def resizing_reader(get_tensor: Callable[[str], torch.Tensor], base_model: str, 
     cache: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
-        if name not in RESIZED:
+        if name not in RESIZED or not added:
             return get_tensor(name)
         if name not in cache:
             old = get_tensor(name)

@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from safetensors.torch import load_file
 
 from megatron_adapt.checkpoint import train_state
-from megatron_adapt.checkpoint.convert import hf_to_megatron
+from megatron_adapt.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_adapt.checkpoint.format import latest
 from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.model.build import build_llama
@@ -195,3 +195,25 @@ def test_training_starts_from_a_converted_checkpoint(recipe, tmp_path):
             assert torch.equal(trained[name][:1000], tensor[:1000]), f"{name}: base rows differ from the conversion"
         else:
             assert torch.equal(trained[name], tensor), f"{name} differs from the converted checkpoint"
+
+
+def test_plain_conversion_is_exact_and_a_bare_tokenizer_model_exports(recipe, tmp_path):
+    """A tokenizer that adds nothing keeps the vocabulary size (no bogus row) and every tensor both
+    ways; a tokenizer directory holding only tokenizer.model exports with HF files written from it."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    base_tok = recipe / "base_tokenizer"
+    assert [p.name for p in base_tok.iterdir()] == ["tokenizer.model"]
+    start = hf_to_megatron(recipe / "base_llama", base_tok, tmp_path / "start", base_tok / "tokenizer.model")
+    release = megatron_to_hf(start, tmp_path / "release", base_tok, dtype=torch.float32)
+    original = HFCheckpointReader(recipe / "base_llama")
+    for directory in (start / "iter_0000000" / "model", release):
+        tensors = _tensors(directory)
+        assert set(tensors) == set(original.weight_map), f"{directory}: tensor names differ"
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, original[name]), f"{directory}: {name} changed in a plain conversion"
+    assert json.loads((release / "config.json").read_text())["vocab_size"] == 1000
+    text = "The quick brown fox, 42 times."
+    expected = spm.SentencePieceProcessor(model_file=str(base_tok / "tokenizer.model")).encode(text)
+    assert AutoTokenizer.from_pretrained(release)(text)["input_ids"] == [1] + expected, "exported tokenizer differs"
