@@ -102,5 +102,6 @@ def micro_batches(dataset, start: int, global_batch_size: int, micro_batch_size:
     out = []
     for m in range(per_rank // micro_batch_size):
         samples = [dataset[first + m * micro_batch_size + k] for k in range(micro_batch_size)]
-        out.append({key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")})
+        batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+        out.append({k: v.pin_memory() for k, v in batch.items()} if torch.cuda.is_available() else batch)
     return out

@@ -32,9 +32,10 @@ def _loss_func(model, batch: dict[str, torch.Tensor], on_logits: Callable | None
 def _forward_step(on_logits: Callable | None, data_iterator: Iterable, model):
     # Every stage draws the batch so that iterators stay aligned; only the first stage reads
     # tokens and only the last reads labels.
-    batch = next(data_iterator)
+    device = next(model.parameters()).device  # micro-batches are made (and pinned) on the host
+    batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
     tokens = batch["tokens"]
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, positions, attention_mask=None)
     return output, functools.partial(_loss_func, model, batch, on_logits)
 
