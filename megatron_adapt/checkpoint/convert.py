@@ -40,7 +40,8 @@ from megatron_adapt.model.weights import CheckpointMismatchError, hf_shapes
 from megatron_adapt.tokenizer.hf_files import write_hf_files
 from megatron_adapt.tokenizer.sentencepiece_model import load_model_proto
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+"""What ``tokenizer.hf_files.write_hf_files`` writes beside a ``tokenizer.model``."""
 DEFAULT_SHARD_BYTES = 2 << 30
 
 
@@ -150,8 +151,8 @@ def _copy_tokenizer(tok_dir: Path, out: Path) -> None:
     """The tokenizer files beside the weights; a directory with only ``tokenizer.model`` (a base
     tokenizer, say) gets its HF files written from it."""
     shutil.copy(tok_dir / "tokenizer.model", out / "tokenizer.model")
-    if all((tok_dir / name).exists() for name in TOKENIZER_FILES):
-        for name in TOKENIZER_FILES[1:]:
+    if all((tok_dir / name).exists() for name in HF_TOKENIZER_FILES):
+        for name in HF_TOKENIZER_FILES:
             shutil.copy(tok_dir / name, out / name)
     else:
         write_hf_files(load_model_proto(tok_dir / "tokenizer.model"), out)

@@ -93,7 +93,7 @@ def resizing_reader(get_tensor: Callable[[str], torch.Tensor], base_model: str, 
     cache: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
-        if name not in RESIZED or not added:
+        if name not in RESIZED:
             return get_tensor(name)
         if name not in cache:
             old = get_tensor(name)
