@@ -31,6 +31,9 @@ setup(
         "numpy",
         "transformers>=4.45",
         "safetensors",
+        "tokenizers",
+        "gguf>=0.10",  # reading GGUF checkpoints (tools/convert_checkpoint.py gguf-to-hf)
+        "accelerate",  # transformers needs it to load GGUF weights
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "wandb",
         "tqdm",

@@ -47,3 +47,37 @@ def recipe(tmp_path_factory) -> Path:
     }
     (r / "config.yaml").write_text(yaml.safe_dump(config))
     return r
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer as an HF directory (tokenizer.json, config, chat template)."""
+    from megatron_adapt.checkpoint.gguf import gguf_to_hf
+    from tests.shared_data import SMOLLM2_GGUF, require
+
+    require(SMOLLM2_GGUF)
+    return gguf_to_hf(SMOLLM2_GGUF, tmp_path_factory.mktemp("smollm2") / "tokenizer", with_weights=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (real weights, dequantized to fp32) as a plain HF model directory."""
+    from megatron_adapt.checkpoint.gguf import gguf_to_hf
+    from tests.shared_data import SMOLLM2_GGUF, require
+
+    require(SMOLLM2_GGUF)
+    return gguf_to_hf(SMOLLM2_GGUF, tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_vi(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """SmolLM2's tokenizer extended with Vietnamese (16000 tokens, viwiki, English protected)."""
+    from tests.shared_data import GUTENBERG, VIWIKI, require
+    from tools.extend_tokenizer import main as extend
+
+    require(VIWIKI, GUTENBERG)
+    out = tmp_path_factory.mktemp("smollm2") / "vi"
+    assert extend(["--base-model", str(smollm2_tokenizer), "--corpus", str(VIWIKI), "--english", str(GUTENBERG),
+                   "--num-new-tokens", "16000", "--lang", "vi", "--output-dir", str(out)]) == 0, \
+        "extending SmolLM2's tokenizer failed"
+    return out

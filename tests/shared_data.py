@@ -12,6 +12,8 @@ TIBETAN = SHARED / "bo" / "nanhai_modern_writing_subset.jsonl.xz"
 CHINESE = SHARED / "zh" / "hongloumeng.txt.xz"
 PARALLEL = SHARED / "parallel"
 UDHR = SHARED / "udhr"
+SMOLLM2_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""A real pretrained LLaMA-architecture model: tied embeddings, byte-level BPE (49152 tokens)."""
 
 
 def require(*paths: Path) -> None:

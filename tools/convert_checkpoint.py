@@ -3,6 +3,7 @@
     python tools/convert_checkpoint.py hf-to-megatron --hf-dir Llama-2-7b-hf --tokenizer-dir tokenizers/vi \
         --tp 2 --pp 2 --init subword-mean --output runs/vi-start
     python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/stage2 --output release/vi-llama --dtype bf16
+    python tools/convert_checkpoint.py gguf-to-hf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --output smollm2
 
 Streaming, one tensor in memory at a time; see ``megatron_adapt/checkpoint/convert.py``.
 """
@@ -15,6 +16,7 @@ import sys
 import torch
 
 from megatron_adapt.checkpoint.convert import DEFAULT_SHARD_BYTES, hf_to_megatron, megatron_to_hf
+from megatron_adapt.checkpoint.gguf import gguf_to_hf
 from megatron_adapt.model.resize import INIT_METHODS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("hf-to-megatron")
     a.add_argument("--hf-dir", required=True)
     a.add_argument("--tokenizer-dir", required=True, help="output of tools/extend_tokenizer.py")
-    a.add_argument("--base-tokenizer", help="the checkpoint's tokenizer (default HF_DIR/tokenizer.model)")
+    a.add_argument("--base-tokenizer", help="the checkpoint's tokenizer (default: the one in HF_DIR)")
     a.add_argument("--init", choices=INIT_METHODS, default="subword-mean")
     a.add_argument("--dtype", choices=list(DTYPES), help="cast (default: keep)")
     a.add_argument("--output", required=True)
@@ -39,9 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     b.add_argument("--output", required=True)
     b.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES)
+    c = sub.add_parser("gguf-to-hf", help="a GGUF model (dequantized to fp32) as an HF directory")
+    c.add_argument("--gguf", required=True)
+    c.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     try:
-        if args.direction == "hf-to-megatron":
+        if args.direction == "gguf-to-hf":
+            out = gguf_to_hf(args.gguf, args.output)
+        elif args.direction == "hf-to-megatron":
             out = hf_to_megatron(args.hf_dir, args.tokenizer_dir, args.output, args.base_tokenizer, args.init,
                                  DTYPES.get(args.dtype), args.tp, args.pp, args.max_shard_bytes)
         else:

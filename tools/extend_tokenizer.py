@@ -1,11 +1,15 @@
-"""Extend a SentencePiece BPE tokenizer (LLaMA-2's) with pieces for a new language.
+"""Extend a BPE tokenizer (LLaMA-2's SentencePiece model, or a byte-level BPE tokenizer.json as
+LLaMA-3 and SmolLM2 have) with pieces for a new language.
 
     python tools/extend_tokenizer.py --base-model llama2/tokenizer.model \
         --corpus viwiki.jsonl.xz --english gutenberg.jsonl.xz \
         --num-new-tokens 16000 --lang vi --output-dir tokenizers/vi
+    python tools/extend_tokenizer.py --base-model smollm2/ ...   # a directory with tokenizer.json
 
-Every base piece keeps its id; the added pieces follow, each reachable by encoding. OUT gets
-tokenizer.model, the HF files (AutoTokenizer.from_pretrained(OUT) works offline) and report.json.
+Every base id, merge and special token is kept; the added pieces follow, each reachable by
+encoding. OUT gets the tokenizer files (tokenizer.model and HF files for a SentencePiece base,
+tokenizer.json and the base's tokenizer_config.json / chat template for a byte-level BPE base;
+AutoTokenizer.from_pretrained(OUT) works offline) and report.json.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from megatron_adapt.tokenizer.extend import ExtendConfig, extend_tokenizer, iter
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-model", required=True, help="base SentencePiece BPE model")
+    parser.add_argument("--base-model", required=True, help="base tokenizer: tokenizer.model, tokenizer.json, or a directory with one")
     parser.add_argument("--corpus", nargs="+", required=True, help="new-language text/JSONL files")
     parser.add_argument("--num-new-tokens", type=int, required=True)
     parser.add_argument("--output-dir", required=True)
@@ -46,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join(iter_summary(report)))
-    print(f"written: {config.output_dir}/tokenizer.model, HF tokenizer files, report.json ({report['seconds']} s)")
+    files = ", ".join(sorted(p.name for p in config.output_dir.iterdir()))
+    print(f"written to {config.output_dir}: {files} ({report['seconds']} s)")
     return 0
 
 

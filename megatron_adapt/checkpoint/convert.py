@@ -37,7 +37,9 @@ from megatron_adapt.checkpoint.streaming import plan_shards, write_shard
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.resize import RESIZED, InitMethod, resizing_reader
 from megatron_adapt.model.weights import CheckpointMismatchError, hf_shapes
+from megatron_adapt.tokenizer import byte_level_bpe
 from megatron_adapt.tokenizer.hf_files import write_hf_files
+from megatron_adapt.tokenizer.load import locate
 from megatron_adapt.tokenizer.sentencepiece_model import load_model_proto
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -62,7 +64,13 @@ def write_hf_shards(arch: LlamaArchitecture, get: Callable[[str], torch.Tensor],
 
 
 def check_complete(reader: HFCheckpointReader, arch: LlamaArchitecture) -> None:
-    """Every tensor ``arch`` implies is in the checkpoint, readable, with its shape."""
+    """Every tensor ``arch`` implies is in the checkpoint, readable, with its shape; a tied checkpoint
+    carries no ``lm_head.weight`` other than its embedding."""
+    if arch.tie_word_embeddings and "lm_head.weight" in reader.weight_map:
+        if not torch.equal(reader["lm_head.weight"], reader["model.embed_tokens.weight"]):
+            raise CheckpointMismatchError(
+                f"{reader.directory}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight (set tie_word_embeddings=false to keep both)")
     for name, shape in hf_shapes(arch).items():
         if name not in reader.weight_map:
             raise CheckpointMismatchError(f"{reader.directory}: index has no entry for {name}")
@@ -91,9 +99,8 @@ def hf_to_megatron(hf_dir: str | Path, tokenizer_dir: str | Path, output: str | 
     reader = HFCheckpointReader(hf_dir)
     arch = LlamaArchitecture.from_hf_config(hf_dir)
     check_complete(reader, arch)
-    tokenizer = Path(tokenizer_dir) / "tokenizer.model"
-    get = resizing_reader(reader.__getitem__, str(base_tokenizer or Path(hf_dir) / "tokenizer.model"),
-                          str(tokenizer), init)
+    _, tokenizer = locate(tokenizer_dir)
+    get = resizing_reader(reader.__getitem__, str(base_tokenizer or hf_dir), str(tokenizer), init)
     arch = arch.with_vocab_size(get(RESIZED[0]).shape[0])
     arch.check_parallel_layout(tp, pp)
     out = Path(output)
@@ -117,8 +124,7 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
     records. Joins a one-process torch.distributed group for a training checkpoint."""
     source = resolve(checkpoint)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else _recorded_tokenizer_dir(source)
-    if not (tok_dir / "tokenizer.model").exists():
-        raise FileNotFoundError(f"{tok_dir / 'tokenizer.model'}: tokenizer file missing (run tools/extend_tokenizer.py)")
+    locate(tok_dir)  # refuse a directory without a tokenizer before writing anything
     out = Path(output)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +156,13 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
 def _copy_tokenizer(tok_dir: Path, out: Path) -> None:
     """The tokenizer files beside the weights; a directory with only ``tokenizer.model`` (a base
     tokenizer, say) gets its HF files written from it."""
-    shutil.copy(tok_dir / "tokenizer.model", out / "tokenizer.model")
+    kind, file = locate(tok_dir)
+    if kind == "byte_level_bpe":
+        for name in ("tokenizer.json", *byte_level_bpe.COMPANION_FILES):
+            if (tok_dir / name).is_file():
+                shutil.copy(tok_dir / name, out / name)
+        return
+    shutil.copy(file, out / "tokenizer.model")
     if all((tok_dir / name).exists() for name in HF_TOKENIZER_FILES):
         for name in HF_TOKENIZER_FILES:
             shutil.copy(tok_dir / name, out / name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -16,7 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.fused_vocab import fused_loss
 from megatron_adapt.model.loss import masked_sum, token_losses
-from megatron_adapt.model.vocab import VocabLayout, adopt_vocab_layer, vocab_layers
+from megatron_adapt.model.vocab import VocabLayout, adopt_vocab_layer, trainable_table_param, vocab_layers
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class LlamaGPTModel(GPTModel):
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
-            share_embeddings_and_output_weights=False,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=arch.rope_theta,
             rope_scaling=arch.rope_scaling == "llama3",
@@ -76,8 +77,10 @@ class LlamaGPTModel(GPTModel):
         )
         self.architecture = arch
         self.vocab_layout = vocab
-        for layer in vocab_layers(self):
-            adopt_vocab_layer(layer, vocab, arch.vocab_size)
+        layers = vocab_layers(self)
+        tied_here = arch.tie_word_embeddings and self.pre_process and self.post_process
+        for layer in layers:
+            adopt_vocab_layer(layer, vocab, arch.vocab_size, table=layers[0] if tied_here and layer is not layers[0] else None)
         kernels = "megatron-core's"
         if vocab.fused:
             kernels = "fused kernels, " + ("Triton" if torch.cuda.is_available() else "C++ CPU")
@@ -88,6 +91,26 @@ class LlamaGPTModel(GPTModel):
     @property
     def true_vocab_size(self) -> int:
         return self.architecture.vocab_size
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """With tied embeddings, the Parameter whose gradient megatron-core all-reduces between the
+        first and last pipeline stage: the trainable rows when the table is row-split."""
+        if self.pre_process:
+            return trainable_table_param(self.embedding.word_embeddings)
+        if self.post_process:
+            return trainable_table_param(self.output_layer)
+        return None
+
+    def tie_embeddings_and_output_weights_state_dict(self, sharded_state_dict, output_layer_weight_key: str,
+                                                     first_stage_word_emb_key: str, metadata: dict = {}) -> None:
+        """The last stage's copy of a tied table is saved as a replica of the embedding (megatron-core
+        builds that entry from ``shared_embedding_or_output_weight()``, not the whole table here)."""
+        if not self.post_process or self.pre_process:
+            return
+        entry = sharded_state_dict[output_layer_weight_key]
+        dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        sharded_state_dict[output_layer_weight_key] = dataclasses.replace(
+            entry, key=first_stage_word_emb_key, replica_id=(1, 0, dp_rank), allow_shape_mismatch=True)
 
     def loss_sum(self, output: torch.Tensor, labels: torch.Tensor,
                  loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 One dataclass carries everything megatron-core needs to build the model and everything the
 weight mapping needs to lay tensors out. Reading it refuses configs that would silently build a
-different network (biases, tied embeddings, other activations, unknown RoPE scaling), because a
+different network (biases, other activations, unknown RoPE scaling), because a
 model that loads without error but computes something else loses days, not seconds.
 """
 
@@ -49,6 +49,8 @@ class LlamaArchitecture:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     torch_dtype: str = "float32"
+    tie_word_embeddings: bool = False
+    """One table for input embedding and output layer (small models: SmolLM2, LLaMA-3.2 1B/3B)."""
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -119,7 +121,7 @@ class LlamaArchitecture:
             "max_position_embeddings": self.max_position_embeddings,
             "rope_theta": self.rope_theta, "rope_scaling": None if rope["rope_type"] == "default" else rope,
             "rope_parameters": rope,
-            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "torch_dtype": self.torch_dtype, "dtype": self.torch_dtype,
         }
@@ -162,7 +164,6 @@ def _from_hf_dict(cfg: dict[str, Any], source: str) -> LlamaArchitecture:
         "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
         "attention_bias": (bool(cfg.get("attention_bias", False)), False),
         "mlp_bias": (bool(cfg.get("mlp_bias", False)), False),
-        "tie_word_embeddings": (bool(cfg.get("tie_word_embeddings", False)), False),
     }
     for field, (value, wanted) in refusals.items():
         if value != wanted:
@@ -197,6 +198,7 @@ def _from_hf_dict(cfg: dict[str, Any], source: str) -> LlamaArchitecture:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
     except KeyError as missing:
         raise UnsupportedConfigError(f"{source}: required field {missing.args[0]} is missing") from None

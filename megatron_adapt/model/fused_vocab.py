@@ -78,7 +78,7 @@ def fused_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
                loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the masked token losses, number of tokens it counts) from the final hidden states
     [b, s, h] (last stage), as ``model.loss.masked_sum`` gives them for logits."""
-    layer = model.output_layer
+    layer = model.output_layer.table
     table, trainable, span = vocab_tables(layer)
     mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
     loss_sum, _ = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), trainable, table, labels.reshape(-1),

@@ -3,8 +3,9 @@
 Initializations of the added rows (input and output tables alike):
 - ``subword-mean``: each added piece's row is the mean of the base rows of the pieces the base
   tokenizer cuts its text into — the method that Chinese-LLaMA's maintainers and NVIDIA's
-  tokenizer-extension guide found to work best. Word-internal pieces are encoded without the
-  leading "▁" (else "ười" would become "▁ ư ờ i").
+  tokenizer-extension guide found to work best. Word-internal SentencePiece pieces are encoded
+  without the leading "▁" (else "ười" would become "▁ ư ờ i"); a byte-level BPE token is
+  re-encoded from its bytes (``TextTokenizer.subword_ids``).
 - ``mean``: the mean of all base rows, plus small noise (1% of the rows' std) to break symmetry.
 - ``multivariate-normal``: samples from N(mean, 1e-9·cov) of the base rows, as transformers'
   ``resize_token_embeddings(mean_resizing=True)`` does (the mean when cov is not positive definite).
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 from typing import Callable, Literal, get_args
 
-import sentencepiece as spm
 import torch
 from torch.distributions import constraints
 
-from megatron_adapt.tokenizer.sentencepiece_model import SPACE, load_model_proto, processor
+from megatron_adapt.tokenizer.load import TextTokenizer, load_tokenizer
 
 InitMethod = Literal["subword-mean", "mean", "multivariate-normal"]
 INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
@@ -29,24 +29,19 @@ class VocabMismatchError(ValueError):
     """The extended tokenizer does not extend the checkpoint's tokenizer."""
 
 
-def check_extends(base_model: str, new_model: str, checkpoint_vocab: int) -> None:
+def check_extends(base: TextTokenizer, new: TextTokenizer, checkpoint_vocab: int) -> None:
     """Refuse a tokenizer that does not keep the checkpoint's first ids, naming the first that differs."""
-    base, new = load_model_proto(base_model), load_model_proto(new_model)
-    if len(base.pieces) != checkpoint_vocab:
-        raise VocabMismatchError(f"{base_model} has {len(base.pieces)} pieces but the checkpoint has "
+    if base.vocab_size != checkpoint_vocab:
+        raise VocabMismatchError(f"{base.path} has {base.vocab_size} tokens but the checkpoint has "
                                  f"{checkpoint_vocab} embedding rows")
-    if len(new.pieces) < checkpoint_vocab:
-        raise VocabMismatchError(f"{new_model} has {len(new.pieces)} pieces, fewer than the checkpoint's "
-                                 f"{checkpoint_vocab}: first missing id {len(new.pieces)}")
-    for i in range(checkpoint_vocab):
-        b, n = base.pieces[i], new.pieces[i]
-        if (b.piece, b.type) != (n.piece, n.type):
-            raise VocabMismatchError(f"id {i} differs: {base_model} has {b.piece!r}, {new_model} has {n.piece!r}")
-
-
-def subword_ids(base: spm.SentencePieceProcessor, pieces: list[str]) -> list[list[int]]:
-    """The base tokenization of each piece's text (base processor with the dummy prefix off)."""
-    return base.encode([p.replace(SPACE, " ") for p in pieces], out_type=int)
+    if new.vocab_size < checkpoint_vocab:
+        raise VocabMismatchError(f"{new.path} has {new.vocab_size} tokens, fewer than the checkpoint's "
+                                 f"{checkpoint_vocab}: first missing id {new.vocab_size}")
+    if base.kind != new.kind:
+        raise VocabMismatchError(f"{new.path} is a {new.kind} tokenizer, {base.path} a {base.kind} one")
+    for i, (b, n) in enumerate(zip(base.tokens(), new.tokens())):
+        if b != n:
+            raise VocabMismatchError(f"id {i} differs: {base.path} has {b!r}, {new.path} has {n!r}")
 
 
 def new_rows(old: torch.Tensor, method: InitMethod, n_new: int, subwords: list[list[int]] | None = None,
@@ -78,18 +73,18 @@ def new_rows(old: torch.Tensor, method: InitMethod, n_new: int, subwords: list[l
     raise ValueError(f"unknown init method {method!r}; choose from {', '.join(INIT_METHODS)}")
 
 
-def resizing_reader(get_tensor: Callable[[str], torch.Tensor], base_model: str, new_model: str,
+def resizing_reader(get_tensor: Callable[[str], torch.Tensor], base_tokenizer: str, new_tokenizer: str,
                     method: InitMethod, seed: int = 0) -> Callable[[str], torch.Tensor]:
-    """Wrap an HF tensor getter so that embedding and output rows come out resized to ``new_model``.
+    """Wrap an HF tensor getter so that embedding and output rows come out resized to ``new_tokenizer``
+    (either tokenizer: a file or a directory, ``tokenizer.load``).
 
     Only those two tensors are touched (and cached once resized); everything else passes through.
     """
     base_vocab = get_tensor(RESIZED[0]).shape[0]
-    check_extends(base_model, new_model, base_vocab)
-    new_proto = load_model_proto(new_model)
-    added = [p.piece for p in new_proto.pieces[base_vocab:]]
-    subwords = subword_ids(processor(load_model_proto(base_model), add_dummy_prefix=False), added) \
-        if method == "subword-mean" else None
+    base, new = load_tokenizer(base_tokenizer), load_tokenizer(new_tokenizer)
+    check_extends(base, new, base_vocab)
+    added = new.tokens(base_vocab)
+    subwords = base.subword_ids(added) if method == "subword-mean" else None
     cache: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:

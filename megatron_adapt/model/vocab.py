@@ -14,6 +14,12 @@ A ``VocabLayout`` says what they do:
   returns the whole slice through an autograd function whose backward hands back the trainable
   rows' gradient only. ``state_dict`` still holds one ordinary ``weight``, so checkpoints and the
   HF export do not know about the split.
+- **Tied** (``tie_word_embeddings``): megatron-core's output layer owns no table on the first
+  stage; ours reads the embedding's (``VocabOutput.table``), so the row split and fused loss apply
+  to the one table. With PP > 1 the last stage holds a copy, and megatron-core all-reduces the
+  gradient of ``LlamaGPTModel.shared_embedding_or_output_weight()`` between the two stages — the
+  trainable rows when split, so both copies of the new rows take the same steps and the frozen
+  rows, buffers on both stages, never move.
 - **Fused**: the embedding looks its ids up with ``kernels.embedding.vocab_embedding`` over the
   two tables (no gradient for the frozen one), and the output layer hands the final hidden states
   on instead of logits; ``LlamaGPTModel.loss_sum`` then applies the output weight inside
@@ -87,7 +93,7 @@ class VocabRows:
     @property
     def weight(self) -> torch.Tensor:
         if self.new_rows is None:
-            return self._parameters["weight"]
+            return self._parameters.get("weight")  # None: a tied output layer on the embedding's stage
         return _JoinRows.apply(self.trainable_rows, self.all_rows, *self.trainable_span)
 
     def _adopt(self, layout: VocabLayout, true_vocab_size: int) -> None:
@@ -108,7 +114,8 @@ class VocabRows:
         # Trainable even with no rows (a slice without added tokens): every TP rank must build the
         # same autograd graph, or the backward pass's collectives would not pair up.
         self.trainable_rows = torch.nn.Parameter(weight.data[start:stop], requires_grad=True)
-        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride", "shared", "shared_embedding", "zero_out_wgrad",
+                     "is_embedding_or_output_parameter"):
             if hasattr(weight, attr):
                 setattr(self.trainable_rows, attr, getattr(weight, attr))
         self.new_rows, self.trainable_span = (first, end), (start, stop)
@@ -151,26 +158,40 @@ class VocabOutput(VocabRows, ColumnParallelLinear):
     """The output layer: logits, or with the fused layout the hidden states passed on, for the loss
     to apply the weight together with the cross entropy."""
 
-    def _adopt(self, layout: VocabLayout, true_vocab_size: int) -> None:
+    def _adopt(self, layout: VocabLayout, true_vocab_size: int, table: VocabEmbedding | None = None) -> None:
         if layout.fused and self.sequence_parallel:
             raise ValueError("the fused output loss does not take sequence-parallel hidden states")
-        super()._adopt(layout, true_vocab_size)
+        self.__dict__["_table"] = table  # not a submodule: the embedding stays the embedding's
+        if table is None:
+            super()._adopt(layout, true_vocab_size)
+        else:
+            self.fused, self.new_rows = layout.fused, None
+
+    @property
+    def table(self) -> VocabRows:
+        """The layer holding the output weight: this one, or the embedding it is tied to."""
+        return self.__dict__["_table"] or self
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
+        # ``weight`` is what megatron-core passes for tied embeddings: our model hands it the
+        # trainable Parameter (for its gradient all-reduce), so the table is read here instead.
         if not self.fused:
-            return super().forward(input_, weight, runtime_gather_output)
+            return super().forward(input_, self.table.weight, runtime_gather_output)
         return input_, None
 
 
-def adopt_vocab_layer(layer: torch.nn.Module, layout: VocabLayout, true_vocab_size: int) -> VocabRows:
-    """Turn megatron-core's freshly built embedding or output layer into ours (weights untouched)."""
+def adopt_vocab_layer(layer: torch.nn.Module, layout: VocabLayout, true_vocab_size: int,
+                      table: VocabEmbedding | None = None) -> VocabRows:
+    """Turn megatron-core's freshly built embedding or output layer into ours (weights untouched).
+    An output layer tied to the embedding on the same stage gets that embedding as ``table``."""
     if isinstance(layer, VocabParallelEmbedding):
         layer.__class__ = VocabEmbedding
+        layer._adopt(layout, true_vocab_size)
     elif isinstance(layer, ColumnParallelLinear):
         layer.__class__ = VocabOutput
+        layer._adopt(layout, true_vocab_size, table)
     else:
         raise TypeError(f"{type(layer).__name__} is not a vocabulary layer megatron-core builds")
-    layer._adopt(layout, true_vocab_size)
     return layer
 
 
@@ -185,13 +206,20 @@ def vocab_tables(layer: VocabRows) -> tuple[torch.Tensor, torch.Tensor, tuple[in
 
 
 def vocab_layers(model: torch.nn.Module) -> list[VocabRows]:
-    """The embedding and output layer on this rank's pipeline stage."""
+    """The embedding and output layer on this rank's pipeline stage (in that order)."""
     layers = []
     if getattr(model, "pre_process", False):
         layers.append(model.embedding.word_embeddings)
     if getattr(model, "post_process", False):
         layers.append(model.output_layer)
     return layers
+
+
+def trainable_table_param(layer: torch.nn.Module) -> torch.Tensor:
+    """The Parameter that trains in a vocabulary table: its added rows when split, else the weight."""
+    if isinstance(layer, VocabRows) and layer.new_rows is not None:
+        return layer.trainable_rows
+    return layer._parameters["weight"] if "weight" in layer._parameters else layer.weight
 
 
 def trainable_row_shards(model: torch.nn.Module) -> dict[str, ShardedTensor]:
@@ -204,14 +232,18 @@ def trainable_row_shards(model: torch.nn.Module) -> dict[str, ShardedTensor]:
     """
     shards = {}
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
     for name, layer in model.named_modules():
         if not isinstance(layer, VocabRows) or layer.new_rows is None:
             continue
         rows = layer.trainable_rows
         first, end = layer.new_rows
         offset = min(max(layer.vocab_start + layer.trainable_span[0] - first, 0), end - first)  # empty: clamped
+        key, copy = f"{name}.weight.added_rows", 0
+        if tied and isinstance(layer, VocabOutput):  # the last stage's copy of the embedding's rows
+            key, copy = "embedding.word_embeddings.weight.added_rows", 1
         shards[f"{name}.trainable_rows"] = ShardedTensor(
-            key=f"{name}.weight.added_rows", data=rows, dtype=rows.dtype, local_shape=tuple(rows.shape),
+            key=key, data=rows, dtype=rows.dtype, local_shape=tuple(rows.shape),
             global_shape=(end - first, rows.shape[1]), global_offset=(offset, 0), axis_fragmentations=None,
-            replica_id=(0, 0, dp_rank))
+            replica_id=(copy, 0, dp_rank))
     return shards

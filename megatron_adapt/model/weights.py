@@ -11,6 +11,9 @@ megatron-core layouts (per TP rank r of t):
 - linear_fc1: [gate rows of shard r | up rows of shard r] (the GLU splits the output in halves).
 - linear_proj, linear_fc2: column shards (row-parallel linears).
 - embedding / output layer: row shards of the vocabulary padded to a multiple of 128·t.
+- tied embeddings (``tie_word_embeddings``): HF has no ``lm_head.weight``; megatron-core's output
+  layer uses the embedding's table, or with PP > 1 keeps a copy on the last stage that loads from
+  ``model.embed_tokens.weight`` and is never exported or checkpointed a second time.
 """
 
 from __future__ import annotations
@@ -64,11 +67,16 @@ _TOP_RULES: dict[str, Rule] = {
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
+OUTPUT_COPY = "output_layer.weight"
+"""With tied embeddings and PP > 1: the last stage's copy of the embedding table."""
+
+
 def hf_shapes(arch: LlamaArchitecture) -> dict[str, tuple[int, ...]]:
     """Every tensor of an HF LlamaForCausalLM checkpoint with its shape."""
     h, hd = arch.hidden_size, arch.head_dim
-    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "lm_head.weight": (arch.vocab_size, h),
-              "model.norm.weight": (h,)}
+    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
         shapes |= {
@@ -117,7 +125,11 @@ def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, C
 def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable, Rule]]:
     """(megatron name, tensor, gradient getter, rule) for every weight of this rank's model piece."""
     global_layer = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    tied = model.architecture.tie_word_embeddings
     for name, param, grad in named_weights(model):
+        if name == OUTPUT_COPY and tied:
+            yield name, param, grad, _TOP_RULES["embedding.word_embeddings.weight"]
+            continue
         if name in _TOP_RULES:
             yield name, param, grad, _TOP_RULES[name]
             continue
@@ -137,7 +149,8 @@ def checkpoint_rules(arch: LlamaArchitecture) -> Iterator[tuple[str, int | None,
     layer-norm names onto those), and every tensor unsharded (as at TP=1).
     """
     for name, rule in _TOP_RULES.items():
-        yield name, None, rule
+        if not (name == OUTPUT_COPY and arch.tie_word_embeddings):
+            yield name, None, rule
     for i in range(arch.num_layers):
         for suffix, (hf_suffixes, layout) in _LAYER_RULES.items():
             yield f"decoder.layers.{suffix}", i, Rule(tuple(f"model.layers.{i}.{s}" for s in hf_suffixes), layout)
@@ -231,7 +244,9 @@ def export_hf_state(model: torch.nn.Module, use_grad: bool = False) -> dict[str,
     group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     out: dict[str, Tensor] = {}
-    for _, param, grad, rule in rules(model):
+    for name, param, grad, rule in rules(model):
+        if name == OUTPUT_COPY and arch.tie_word_embeddings:
+            continue  # the first stage exports the table (and after the grad all-reduce its gradient)
         local = param
         if use_grad:
             local = grad()

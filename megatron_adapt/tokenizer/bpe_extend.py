@@ -166,13 +166,16 @@ def new_characters(word_counts: Counter, known: set[str], coverage: float, limit
     return chosen
 
 
-def learn_pieces(word_counts: Counter, segmenter: BaseSegmenter, num_new_pieces: int,
-                 ascii_piece: Callable[[str, bool], bool], forbidden: set[tuple[str, str]] = frozenset(),
-                 character_coverage: float = 0.9999, max_piece_length: int = 16,
+def learn_pieces(word_counts: Counter, segmenter, num_new_pieces: int, piece_ok: Callable[[str], bool],
+                 forbidden: set[tuple[str, str]] = frozenset(), character_coverage: float = 0.9999,
                  min_pair_count: int = 2, progress: bool = True) -> ExtensionResult:
     """Learn up to ``num_new_pieces`` pieces (new characters included) from word frequencies.
 
-    Characters beyond ``character_coverage`` stay byte-fallback, and no piece contains them.
+    ``segmenter`` gives the base tokenizer's ``pieces`` and ``segment(words)``: this class's for
+    SentencePiece, ``byte_level_bpe.ByteLevelSegmenter`` for byte-level BPE (whose 256 byte
+    characters leave no new ones). ``piece_ok`` says whether a joined piece may be learned
+    (``mergeable`` for SentencePiece pieces). Characters beyond ``character_coverage`` stay
+    byte-fallback, and no piece contains them.
     """
     vocab = set(segmenter.pieces)
     new_chars = new_characters(word_counts, vocab, character_coverage, num_new_pieces)
@@ -193,8 +196,7 @@ def learn_pieces(word_counts: Counter, segmenter: BaseSegmenter, num_new_pieces:
 
     def allowed(pair: tuple[str, str]) -> bool:
         merged = pair[0] + pair[1]
-        return (pair not in forbidden and merged not in vocab
-                and mergeable(merged, max_piece_length, ascii_piece))
+        return pair not in forbidden and merged not in vocab and piece_ok(merged)
 
     heap = [(-c, p) for p, c in pair_counts.items() if c >= min_pair_count and allowed(p)]
     heapq.heapify(heap)

@@ -1,10 +1,10 @@
-"""Extend a SentencePiece BPE tokenizer with a new language: the pipeline behind
-``tools/extend_tokenizer.py``.
+"""Extend a BPE tokenizer with a new language: the pipeline behind ``tools/extend_tokenizer.py``.
 
 Corpus lines are split by a stable hash into training lines and held-out lines (never seen by
-training). Training learns pieces on top of the base model's segmentation (``bpe_extend``),
-merges them (``merge``), removes any piece that encoding cannot reach, and writes the
-SentencePiece model, the HF tokenizer files and a report measured on the held-out lines. The
+training). Training learns pieces on top of the base tokenizer's segmentation (``bpe_extend``),
+appends them (``sentencepiece_model.merge_pieces`` for a SentencePiece model, appended merges for
+a byte-level BPE ``tokenizer.json``: ``byte_level_bpe``), removes any piece that encoding cannot
+reach, and writes the tokenizer files and a report measured on the held-out lines. The
 output directory is assembled under a temporary name and renamed into place at the end, so a
 failed run leaves nothing behind that looks like a tokenizer.
 """
@@ -12,6 +12,7 @@ failed run leaves nothing behind that looks like a tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -22,14 +23,16 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from megatron_adapt.text.corpus import BadLine, iter_documents
-from megatron_adapt.tokenizer import bpe_extend, sentencepiece_model
+from megatron_adapt.tokenizer import bpe_extend, byte_level_bpe, sentencepiece_model
 from megatron_adapt.tokenizer.hf_files import write_hf_files
 from megatron_adapt.tokenizer.languages import profile
+from megatron_adapt.tokenizer.load import locate
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class ExtendConfig:
     base_model: Path
-    """SentencePiece BPE model to extend (LLaMA-2's tokenizer.model)."""
+    """Tokenizer to extend: a SentencePiece BPE ``tokenizer.model`` (LLaMA-2's), or a byte-level BPE
+    ``tokenizer.json`` (LLaMA-3, SmolLM2), or a directory holding one (``load.locate``)."""
     corpus: list[Path]
     """New-language text: plain text or JSONL, optionally .gz/.xz/.zst."""
     num_new_tokens: int
@@ -66,7 +70,9 @@ class ExtendConfig:
             raise ValueError(f"--num-new-tokens must be positive, got {self.num_new_tokens}")
         if not self.corpus:
             raise ValueError("no corpus file given")
-        for path in [self.base_model, *self.corpus, *self.english]:
+        if not self.base_model.exists():
+            raise FileNotFoundError(f"{self.base_model}: no such file or directory")
+        for path in [*self.corpus, *self.english]:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such file")
         if not 0 < self.heldout_per_mille < 1000:
@@ -125,16 +131,14 @@ def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def _remove_unreachable(base, result: bpe_extend.ExtensionResult) -> tuple[object, list[str], list[str]]:
-    """Merge, then drop pieces encoding cannot reach and every piece built from them, until none."""
-    pieces = result.pieces
-    components = {a + b: (a, b) for a, b in result.merges}
+def _remove_unreachable(pieces: list[str], components: dict[str, tuple[str, str]],
+                        unreachable_of: Callable[[list[str]], set[str]]) -> tuple[list[str], list[str]]:
+    """Drop pieces encoding cannot reach and every piece built from them, until none are left."""
     dropped: list[str] = []
     while True:
-        model = sentencepiece_model.merge_pieces(base, pieces)
-        bad = {model.pieces[i].piece for i in sentencepiece_model.unreachable_pieces(model, len(base.pieces))}
+        bad = unreachable_of(pieces)
         if not bad:
-            return model, pieces, dropped
+            return pieces, dropped
         keep = []
         for piece in pieces:  # in learning order, so components are decided before their pieces
             if piece in bad or any(c in bad for c in components.get(piece, ())):
@@ -145,53 +149,142 @@ def _remove_unreachable(base, result: bpe_extend.ExtensionResult) -> tuple[objec
         pieces = keep
 
 
+class _Batch:
+    """``encode(lines)`` → id lists of a tokenizers.Tokenizer, without special tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, lines: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(lines, add_special_tokens=False)]
+
+
+@dataclass
+class _Extended:
+    """What each kind's extension hands the common measuring and writing."""
+
+    base_vocab_size: int
+    vocab_size: int
+    added: int
+    new_characters: int
+    dropped: int
+    unreachable: int
+    base: object
+    extended: object
+    """Base and extended encoders: ``encode(lines)`` → id lists."""
+    write: Callable[[Path], None]
+    english_protected_pairs: int
+
+
+def _extend_sentencepiece(config: ExtendConfig, lang, train: list[str], english: list[str]) -> _Extended:
+    base = sentencepiece_model.load_model_proto(config.base_model)
+    segmenter = bpe_extend.BaseSegmenter(sentencepiece_model.processor(base, add_dummy_prefix=False), config.threads)
+    forbidden = bpe_extend.forbidden_pairs(segmenter, list(bpe_extend.count_words(english)))
+    counts = bpe_extend.count_words(train, lang.normalize)
+    counts = Counter({w: c for w, c in counts.items() if c >= config.min_frequency})
+    max_length = base.trainer_spec.max_sentencepiece_length or 16
+    result = bpe_extend.learn_pieces(
+        counts, segmenter, config.num_new_tokens,
+        functools.partial(bpe_extend.mergeable, max_length=max_length, ascii_piece=lang.ascii_piece),
+        forbidden, lang.character_coverage, progress=config.progress)
+
+    def unreachable_of(pieces: list[str]) -> set[str]:
+        model = sentencepiece_model.merge_pieces(base, pieces)
+        return {model.pieces[i].piece for i in sentencepiece_model.unreachable_pieces(model, len(base.pieces))}
+
+    pieces, dropped = _remove_unreachable(result.pieces, {a + b: (a, b) for a, b in result.merges}, unreachable_of)
+    model = sentencepiece_model.merge_pieces(base, pieces)
+
+    def write(directory: Path) -> None:
+        (directory / "tokenizer.model").write_bytes(model.SerializeToString())
+        write_hf_files(model, directory)
+
+    return _Extended(
+        base_vocab_size=len(base.pieces), vocab_size=len(model.pieces), added=len(pieces),
+        new_characters=len(result.new_chars), dropped=len(dropped),
+        unreachable=len(sentencepiece_model.unreachable_pieces(model, len(base.pieces))),
+        base=sentencepiece_model.processor(base), extended=sentencepiece_model.processor(model), write=write,
+        english_protected_pairs=len(forbidden))
+
+
+def _extend_byte_level_bpe(config: ExtendConfig, lang, train: list[str], english: list[str]) -> _Extended:
+    base_spec, base = byte_level_bpe.load(config.base_model)
+    segmenter = byte_level_bpe.ByteLevelSegmenter(base)
+    forbidden = bpe_extend.forbidden_pairs(segmenter, list(byte_level_bpe.count_words(english, base)))
+    counts = byte_level_bpe.count_words(train, base, lang.normalize)
+    counts = Counter({w: c for w, c in counts.items() if c >= config.min_frequency})
+    result = bpe_extend.learn_pieces(counts, segmenter, config.num_new_tokens,
+                                     byte_level_bpe.piece_rule(lang.ascii_piece), forbidden,
+                                     character_coverage=1.0, progress=config.progress)
+    first = byte_level_bpe.first_new_id(base_spec)
+    merges = {a + b: (a, b) for a, b in result.merges}
+
+    def tokenizer_of(pieces: list[str]) -> Tokenizer:
+        spec = byte_level_bpe.extended_spec(base_spec, [merges[p] for p in pieces])
+        return Tokenizer.from_str(json.dumps(spec))
+
+    def unreachable_of(pieces: list[str]) -> set[str]:
+        return set(byte_level_bpe.unreachable(tokenizer_of(pieces), first))
+
+    pieces, dropped = _remove_unreachable(result.pieces, merges, unreachable_of)
+    spec = byte_level_bpe.extended_spec(base_spec, [merges[p] for p in pieces])
+    extended = Tokenizer.from_str(json.dumps(spec))
+
+    def write(directory: Path) -> None:
+        (directory / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=1), encoding="utf-8")
+        for name in byte_level_bpe.COMPANION_FILES:
+            if (config.base_model.parent / name).is_file():
+                shutil.copy(config.base_model.parent / name, directory / name)
+
+    return _Extended(
+        base_vocab_size=first, vocab_size=first + len(pieces), added=len(pieces), new_characters=0,
+        dropped=len(dropped), unreachable=len(byte_level_bpe.unreachable(extended, first)),
+        base=_Batch(base), extended=_Batch(extended), write=write, english_protected_pairs=len(forbidden))
+
+
 def extend_tokenizer(config: ExtendConfig) -> dict:
     """Run the whole extension; returns the report also written to OUT/report.json."""
     start = time.time()
     lang = profile(config.lang, config.normalize)
-    base = sentencepiece_model.load_model_proto(config.base_model)
+    kind, config.base_model = locate(config.base_model)
+    extend = _extend_sentencepiece if kind == "sentencepiece" else _extend_byte_level_bpe
+    if kind == "sentencepiece":
+        sentencepiece_model.load_model_proto(config.base_model)  # refuse a bad model before reading corpora
+    else:
+        byte_level_bpe.load(config.base_model)
     tmp = _prepare_output(config)
     try:
         corpus = split_lines(config.corpus, config.text_key, config.heldout_per_mille, config.progress)
         if not corpus.train:
             raise ValueError(f"corpus {', '.join(map(str, config.corpus))} has no text lines")
-        normalize = lang.normalize or (lambda s: s)
-        base_sp = sentencepiece_model.processor(base)
-        segmenter = bpe_extend.BaseSegmenter(sentencepiece_model.processor(base, add_dummy_prefix=False), config.threads)
         english = split_lines(config.english, config.text_key, config.heldout_per_mille, config.progress)
-        forbidden = bpe_extend.forbidden_pairs(segmenter, list(bpe_extend.count_words(english.train)))
-        counts = bpe_extend.count_words(corpus.train, lang.normalize)
-        counts = Counter({w: c for w, c in counts.items() if c >= config.min_frequency})
-        result = bpe_extend.learn_pieces(
-            counts, segmenter, config.num_new_tokens, lang.ascii_piece, forbidden, lang.character_coverage,
-            max_piece_length=base.trainer_spec.max_sentencepiece_length or 16, progress=config.progress)
-        model, pieces, dropped = _remove_unreachable(base, result)
-        if dropped:
-            log.info("dropped %d unreachable pieces (and pieces built from them)", len(dropped))
-        ext_sp = sentencepiece_model.processor(model)
+        ext = extend(config, lang, corpus.train, english.train)
+        if ext.dropped:
+            log.info("dropped %d unreachable pieces (and pieces built from them)", ext.dropped)
 
+        normalize = lang.normalize or (lambda s: s)
         heldout = [normalize(line) for line in corpus.heldout[: config.max_eval_lines]]
         en_heldout = english.heldout[: config.max_eval_lines]
         report = {
-            "base_vocab_size": len(base.pieces), "vocab_size": len(model.pieces), "added": len(pieces),
-            "unreachable_added": len(sentencepiece_model.unreachable_pieces(model, len(base.pieces))),
-            "new_characters": len(result.new_chars), "dropped_unreachable": len(dropped),
-            "fertility": {lang.name: compression(base_sp, ext_sp, heldout)},
+            "tokenizer_kind": kind,
+            "base_vocab_size": ext.base_vocab_size, "vocab_size": ext.vocab_size, "added": ext.added,
+            "unreachable_added": ext.unreachable,
+            "new_characters": ext.new_characters, "dropped_unreachable": ext.dropped,
+            "fertility": {lang.name: compression(ext.base, ext.extended, heldout)},
             "english_identical_fraction": None,
             "heldout_lines": {lang.name: len(heldout), "en": len(en_heldout)},
             "bad_lines": len(corpus.bad_lines) + len(english.bad_lines),
             "bad_line_examples": [str(b) for b in (corpus.bad_lines + english.bad_lines)[:10]],
-            "normalization": lang.normalization, "english_protected_pairs": len(forbidden),
+            "normalization": lang.normalization, "english_protected_pairs": ext.english_protected_pairs,
         }
         if en_heldout:
-            same = sum(a == b for a, b in zip(base_sp.encode(en_heldout), ext_sp.encode(en_heldout)))
+            same = sum(a == b for a, b in zip(ext.base.encode(en_heldout), ext.extended.encode(en_heldout)))
             report["english_identical_fraction"] = same / len(en_heldout)
-            report["fertility"]["en"] = compression(base_sp, ext_sp, en_heldout)
+            report["fertility"]["en"] = compression(ext.base, ext.extended, en_heldout)
         else:
             log.warning("no English text given (--english): English tokenization is not protected or measured")
 
-        (tmp / "tokenizer.model").write_bytes(model.SerializeToString())
-        write_hf_files(model, tmp)
+        ext.write(tmp)
         report["seconds"] = round(time.time() - start, 1)
         report["config"] = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
                             for k, v in dataclasses.asdict(config).items()}

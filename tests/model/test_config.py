@@ -34,7 +34,6 @@ def test_roundtrip_through_hf_config():
     ("architectures", ["GPT2LMHeadModel"], "GPT2LMHeadModel"),
     ("hidden_act", "gelu", "hidden_act='gelu'"),
     ("attention_bias", True, "attention_bias=True"),
-    ("tie_word_embeddings", True, "tie_word_embeddings=True"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type='yarn'"),
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}, "low_freq_factor"),
 ])

@@ -24,10 +24,10 @@ from megatron_adapt.model.resize import (
     check_extends,
     new_rows,
     resizing_reader,
-    subword_ids,
 )
 from megatron_adapt.model.weights import export_hf_state, load_hf_state
 from megatron_adapt.tokenizer.extend import ExtendConfig, extend_tokenizer
+from megatron_adapt.tokenizer.load import load_tokenizer
 from megatron_adapt.tokenizer.sentencepiece_model import load_model_proto, processor
 from megatron_adapt.tokenizer.train_base import train_llama_like
 from megatron_adapt.training.step import forward_backward
@@ -74,7 +74,7 @@ def test_subword_mean_is_mean_of_base_tokenization(tokenizers):
     base_file, new_file = tokenizers
     added = [p.piece for p in load_model_proto(new_file).pieces[BASE_VOCAB:]]
     old = torch.randn(BASE_VOCAB, 16, dtype=torch.float64)
-    rows = new_rows(old, "subword-mean", len(added), subword_ids(processor(load_model_proto(base_file), False), added))
+    rows = new_rows(old, "subword-mean", len(added), load_tokenizer(base_file).subword_ids(added))
     base = spm.SentencePieceProcessor(model_file=base_file)  # dummy prefix on: "nhà" → "▁nhà"
     inner = spm.SentencePieceProcessor(model_file=base_file)
     inner.load_from_serialized_proto(processor(load_model_proto(base_file), False).serialized_model_proto())
@@ -88,13 +88,14 @@ def test_subword_mean_is_mean_of_base_tokenization(tokenizers):
 
 def test_refuses_tokenizers_that_do_not_extend(tokenizers, tmp_path):
     base_file, new_file = tokenizers
-    check_extends(base_file, new_file, BASE_VOCAB)  # the real extension passes
+    base = load_tokenizer(base_file)
+    check_extends(base, load_tokenizer(new_file), BASE_VOCAB)  # the real extension passes
     other = train_llama_like(_lines(GUTENBERG, 2)[-3000:], BASE_VOCAB + 50, tmp_path / "other.model")
     with pytest.raises(VocabMismatchError, match=r"id \d+ differs"):
-        check_extends(base_file, str(other), BASE_VOCAB)
+        check_extends(base, load_tokenizer(other), BASE_VOCAB)
     smaller = train_llama_like(_lines(GUTENBERG, 1)[:3000], 900, tmp_path / "small.model")
     with pytest.raises(VocabMismatchError, match="fewer than the checkpoint's 1000: first missing id 900"):
-        check_extends(base_file, str(smaller), BASE_VOCAB)
+        check_extends(base, load_tokenizer(smaller), BASE_VOCAB)
 
 
 def _rank_resize_freeze_train(hf_dir: str, base_file: str, new_file: str, tokens: torch.Tensor, steps: int) -> dict:

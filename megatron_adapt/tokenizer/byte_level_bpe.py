@@ -1,0 +1,172 @@
+"""Hugging Face byte-level BPE tokenizers (``tokenizer.json``: LLaMA-3.x, SmolLM2, GPT-2 style).
+
+Such a tokenizer pre-tokenizes text into words spelled in the ByteLevel alphabet (every UTF-8 byte
+one printable character, a space "Ġ"), then applies its merges by rank. Extending it mirrors the
+SentencePiece path: new merges are learned on the base tokenizer's own segmentation of each
+pre-tokenized word (``bpe_extend.learn_pieces``) and appended after the base merges, the new
+tokens taking ids after the highest existing id. A new merge then only fires once no base merge
+applies, so base ids, merges and special tokens stay as they were, and each new token is reached
+by the merges that built it (checked by ``unreachable``).
+
+There is no byte fallback to replace: every character is already reachable through its bytes,
+and a learned merge may join bytes of a character the base never merged.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tokenizers import Tokenizer
+
+from megatron_adapt.tokenizer.bpe_extend import mergeable
+from megatron_adapt.tokenizer.sentencepiece_model import SPACE
+
+# The files a Hugging Face tokenizer directory may hold beside tokenizer.json that stay valid
+# when merges are appended (vocab.json / merges.txt of slow tokenizers would be stale: not copied).
+COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+class NotByteLevelBPEError(ValueError):
+    """The tokenizer.json is not a byte-level BPE tokenizer this module can extend."""
+
+
+@functools.cache
+def byte_alphabet() -> tuple[str, ...]:
+    """The character standing for each byte value (GPT-2's reversible byte-to-unicode table):
+    printable Latin-1 bytes stand for themselves, the others are shifted past 255 in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return tuple(table[b] for b in range(256))
+
+
+@functools.cache
+def _char_to_byte() -> dict[str, int]:
+    return {c: b for b, c in enumerate(byte_alphabet())}
+
+
+def piece_bytes(piece: str) -> bytes:
+    """The bytes a ByteLevel-alphabet token stands for."""
+    table = _char_to_byte()
+    return bytes(table[c] for c in piece)
+
+
+def piece_text(piece: str) -> str:
+    """The text of a token, incomplete UTF-8 sequences at its edges left out ("" if only those)."""
+    return piece_bytes(piece).decode("utf-8", errors="ignore")
+
+
+def load(path: str | Path) -> tuple[dict, Tokenizer]:
+    """(the tokenizer.json as a dict, the tokenizer) after checking it is byte-level BPE."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise NotByteLevelBPEError(f"{path}: not a Hugging Face tokenizer.json ({err})") from None
+    kind = (spec.get("model") or {}).get("type") if isinstance(spec, dict) else None
+    if kind != "BPE":
+        raise NotByteLevelBPEError(f"{path}: model type is {kind}, not BPE (only BPE tokenizers can be extended "
+                                   "by appending merges)")
+    if "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise NotByteLevelBPEError(
+            f"{path}: BPE without a ByteLevel pre-tokenizer (pre_tokenizer "
+            f"{(spec.get('pre_tokenizer') or {}).get('type')}); for a SentencePiece-style model pass its "
+            "tokenizer.model instead")
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as err:  # the tokenizers library raises its own exception type
+        raise NotByteLevelBPEError(f"{path}: the tokenizers library cannot load it ({err})") from None
+    return spec, tokenizer
+
+
+def first_new_id(spec: dict) -> int:
+    """One past the highest id in use, base vocabulary and added/special tokens alike."""
+    ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]
+    return max(ids) + 1
+
+
+def merge_pairs(spec: dict) -> list[tuple[str, str]]:
+    """The merges in rank order, whichever of the two serializations the file uses."""
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in spec["model"]["merges"]]
+
+
+def extended_spec(base: dict, merges: list[tuple[str, str]]) -> dict:
+    """The base tokenizer.json with ``merges`` appended and their tokens given the next ids."""
+    spec = copy.deepcopy(base)
+    vocab, next_id = spec["model"]["vocab"], first_new_id(base)
+    as_lists = bool(spec["model"]["merges"]) and isinstance(spec["model"]["merges"][0], list)
+    for a, b in merges:
+        vocab[a + b] = next_id
+        next_id += 1
+        spec["model"]["merges"].append([a, b] if as_lists else f"{a} {b}")
+    return spec
+
+
+class ByteLevelSegmenter:
+    """The base tokenizer's tokens for pre-tokenized words (``bpe_extend.learn_pieces``'s view)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.model = tokenizer.model
+        self.pieces = list(tokenizer.get_vocab(with_added_tokens=False))
+
+    def segment(self, words: list[str]) -> list[list[str]]:
+        return [[t.value for t in self.model.tokenize(w)] for w in words]
+
+
+def count_words(texts: Iterable[str], tokenizer: Tokenizer,
+                normalize: Callable[[str], str] | None = None) -> Counter:
+    """Frequencies of the pre-tokenized words of whitespace words, each read as following a space.
+
+    Pre-tokens never span whitespace (only a leading space joins a word), so pre-tokenizing each
+    distinct whitespace word once gives the words of whole texts at a fraction of the cost.
+    """
+    words: Counter = Counter()
+    for text in texts:
+        words.update((normalize(text) if normalize else text).split())
+    pre, norm = tokenizer.pre_tokenizer, tokenizer.normalizer
+    counts: Counter = Counter()
+    for word, freq in words.items():
+        text = norm.normalize_str(" " + word) if norm else " " + word
+        for piece, _ in pre.pre_tokenize_str(text):
+            counts[piece] += freq
+    return counts
+
+
+def piece_rule(ascii_piece: Callable[[str, bool], bool], max_length: int = 16) -> Callable[[str], bool]:
+    """``bpe_extend.mergeable`` read on a token's text. A token made only of bytes inside a
+    multi-byte character is allowed: English (ASCII) text never contains it."""
+
+    def allowed(piece: str) -> bool:
+        text = piece_text(piece)
+        if not text:
+            return True
+        return mergeable(SPACE + text[1:] if text.startswith(" ") else text, max_length, ascii_piece)
+
+    return allowed
+
+
+def unreachable(tokenizer: Tokenizer, first_id: int) -> list[str]:
+    """Tokens from ``first_id`` on that the model does not produce for their own text."""
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    bad = []
+    for piece, i in vocab.items():
+        if i >= first_id and [t.id for t in tokenizer.model.tokenize(piece)] != [i]:
+            bad.append(piece)
+    return bad
+
+
+def subword_ids(base: Tokenizer, pieces: list[str]) -> list[list[int]]:
+    """The base tokenization of each piece's bytes (its ByteLevel spelling, so partial characters too)."""
+    return [[t.id for t in base.model.tokenize(p)] for p in pieces]
