@@ -3,9 +3,11 @@
     python bench/preprocess_throughput.py --corpus viwiki.jsonl --tokenizer-model tokenizer.model \
         [--megatron-lm /path/to/Megatron-LM --megatron-python /path/to/python]
 
-Rows: SentencePiece's batch encode alone on all cores (texts already in memory: the ceiling for
-any tool bound to that encoder), tools/preprocess_data.py, and Megatron-LM's
-tools/preprocess_data.py (--tokenizer-type SentencePieceTokenizer, same --workers) when a checkout
+Rows: the tokenizer's own batch encode alone on all cores (SentencePiece's, or for a byte-level BPE
+tokenizer.json the tokenizers library's; texts already in memory: the ceiling for any tool bound to
+that encoder), tools/preprocess_data.py, and Megatron-LM's
+tools/preprocess_data.py (--tokenizer-type SentencePieceTokenizer, or HuggingFaceTokenizer for a
+tokenizer.json directory; same --workers) when a checkout
 is given. Each tool runs as a subprocess; "wall" includes interpreter start-up, "processing" is
 the tool's own rate (ours: stats.json; Megatron-LM: its last "Processed ... MB/s" line, in tokens
 via our token count per input byte). Ratios are against the Megatron-LM and raw-encode rows.
@@ -14,6 +16,7 @@ via our token count per input byte). Ratios are against the Megatron-LM and raw-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -24,16 +27,26 @@ import time
 from pathlib import Path
 
 import sentencepiece as spm
+from tokenizers import Tokenizer
+
+from megatron_adapt.tokenizer.load import locate
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def raw_encode(corpus: Path, model: str, threads: int) -> tuple[float, int]:
     docs = [json.loads(line)["text"] for line in corpus.open()]
-    sp = spm.SentencePieceProcessor(model_file=model)
-    sp.encode(docs[:50], num_threads=threads)  # warm-up
+    kind, path = locate(model)
+    if kind == "sentencepiece":
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+        encode = functools.partial(sp.encode, num_threads=threads)
+    else:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+        tokenizer = Tokenizer.from_file(str(path))
+        encode = lambda texts: [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]  # noqa: E731
+    encode(docs[:50])  # warm-up
     start = time.perf_counter()
-    tokens = sum(map(len, sp.encode(docs, num_threads=threads)))
+    tokens = sum(map(len, encode(docs)))
     return tokens / (time.perf_counter() - start), tokens
 
 
@@ -51,7 +64,8 @@ def megatron(corpus: Path, model: str, workers: int, out: Path, checkout: str, p
              tokens_per_byte: float) -> tuple[float, float]:
     start = time.perf_counter()
     proc = subprocess.run([python, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", str(out),
-                           "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
+                           "--tokenizer-type", "SentencePieceTokenizer" if locate(model)[0] == "sentencepiece"
+                           else "HuggingFaceTokenizer", "--tokenizer-model", model,
                            "--workers", str(workers), "--append-eod", "--log-interval", "100"],
                           cwd=checkout, env=dict(os.environ, PYTHONPATH=checkout), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -74,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw, _ = raw_encode(corpus, args.tokenizer_model, args.workers)
         our_wall, our_proc, tokens = ours(corpus, args.tokenizer_model, args.workers, Path(tmp) / "ours")
-        rows = [("SentencePiece batch encode only", None, raw), ("megatron-adapt preprocess_data", our_wall, our_proc)]
+        rows = [("tokenizer batch encode only", None, raw), ("megatron-adapt preprocess_data", our_wall, our_proc)]
         mlm = None
         if args.megatron_lm:
             mlm = megatron(corpus, args.tokenizer_model, args.workers, Path(tmp) / "mlm", args.megatron_lm,

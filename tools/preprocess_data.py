@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--input", nargs="+", help="text/JSONL files or globs (.gz/.xz/.bz2/.zst ok)")
     source.add_argument("--parallel", nargs=2, metavar=("SOURCE", "TARGET"), help="aligned sentence files")
     source.add_argument("--instructions", nargs=1, help="JSONL of {messages: [...]} or {instruction, output}")
-    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece model")
+    parser.add_argument("--tokenizer-model", required=True, help="tokenizer: a SentencePiece tokenizer.model, a byte-level BPE tokenizer.json, or a directory with one")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="encode threads")
     parser.add_argument("--text-key", default="text")

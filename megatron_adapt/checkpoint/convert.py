@@ -172,7 +172,7 @@ def _copy_tokenizer(tok_dir: Path, out: Path) -> None:
 
 def _recorded_tokenizer_dir(checkpoint: Path) -> Path:
     """The tokenizer a checkpoint was trained (or converted) with, from its meta.json."""
-    model_file = CheckpointMeta.read(checkpoint).tokenizer
-    if not model_file:
+    recorded = CheckpointMeta.read(checkpoint).tokenizer
+    if not recorded:
         raise FileNotFoundError(f"{checkpoint}/meta.json records no tokenizer; pass --tokenizer-dir")
-    return Path(model_file).parent
+    return Path(recorded) if Path(recorded).is_dir() else Path(recorded).parent

@@ -1,4 +1,5 @@
-"""SentencePiece encoding at corpus scale: exact, with a chunk cache when the model allows it.
+"""Tokenizer encoding at corpus scale, exact: SentencePiece with a chunk cache when the model allows
+it, byte-level BPE through the ``tokenizers`` library's batch encode (Rust, multi-threaded).
 
 For LLaMA-style BPE models no piece has "▁" after a non-space character, so no merge crosses the
 point where a space follows a word, and a text's ids are the concatenation of its chunks' ids
@@ -10,12 +11,15 @@ without that property (other normalizers, whitespace-suffix pieces) use the plai
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from megatron_adapt import _native
+from megatron_adapt.tokenizer import byte_level_bpe
+from megatron_adapt.tokenizer.load import load_tokenizer, locate
 from megatron_adapt.tokenizer.sentencepiece_model import SPACE
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,7 @@ class FastEncoder:
                  max_chunk_bytes: int = 64) -> None:
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.threads = threads
+        self.vocab_size, self.eos_id = self.sp.get_piece_size(), self.sp.eos_id()
         proto = model_pb2.ModelProto()
         proto.ParseFromString(self.sp.serialized_model_proto())
         self.cached = chunks_are_independent(proto)
@@ -60,7 +65,33 @@ class FastEncoder:
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if self.cached:
             return self._native.encode(texts, self._encode_chunks)
-        ids = self.sp.encode(texts, out_type=int, num_threads=self.threads)
-        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter((t for i in ids for t in i), dtype=np.int32, count=int(lengths.sum()))
-        return flat, lengths
+        return _flatten(self.sp.encode(texts, out_type=int, num_threads=self.threads))
+
+
+def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for i in ids for t in i), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+class ByteLevelEncoder:
+    """``encode(texts)`` as ``FastEncoder``'s, for a byte-level BPE ``tokenizer.json``. The library
+    runs its own thread pool (size: ``RAYON_NUM_THREADS``, set here from ``threads`` if unset)."""
+
+    def __init__(self, tokenizer_file: str, threads: int) -> None:
+        if threads > 0:
+            os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+        text = load_tokenizer(tokenizer_file)
+        self.tokenizer = byte_level_bpe.load(text.path)[1]
+        self.vocab_size, self.eos_id = text.vocab_size, text.eos_id
+        if self.eos_id is None:
+            self.eos_id = -1
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return _flatten([e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)])
+
+
+def make_encoder(tokenizer: str, threads: int) -> FastEncoder | ByteLevelEncoder:
+    """The encoder for a tokenizer file or directory (``tokenizer.load.locate``)."""
+    kind, path = locate(tokenizer)
+    return FastEncoder(str(path), threads) if kind == "sentencepiece" else ByteLevelEncoder(str(path), threads)

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 
 import numpy as np
 
-from megatron_adapt.data.fast_encode import FastEncoder
+from megatron_adapt.data.fast_encode import ByteLevelEncoder, FastEncoder, make_encoder
 from megatron_adapt.data.indexed import MASK_SUFFIX, IndexedWriter, optimal_dtype, read_index
 from megatron_adapt.data.templates import Segments, instruction, iter_parallel
 from megatron_adapt.text.corpus import BadLine, iter_documents, iter_records
@@ -47,7 +47,7 @@ class PreprocessConfig:
     tokenizer_model: str
     output_prefix: str
     workers: int = os.cpu_count() or 1
-    """SentencePiece encode threads."""
+    """Encode threads (SentencePiece's, or the tokenizers library's pool for a tokenizer.json)."""
     kind: InputKind = "text"
     """text (documents), parallel (aligned sentence files) or instructions (chat/instruction JSONL)."""
     text_key: str = "text"
@@ -70,8 +70,8 @@ class PreprocessConfig:
             raise ValueError(f"unknown input kind {self.kind!r}; expected one of {', '.join(get_args(InputKind))}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard index {self.shard_index} not in 0..{self.num_shards - 1}")
-        if not Path(self.tokenizer_model).is_file():
-            raise FileNotFoundError(f"{self.tokenizer_model}: no such tokenizer model")
+        if not Path(self.tokenizer_model).exists():
+            raise FileNotFoundError(f"{self.tokenizer_model}: no such tokenizer model or directory")
         get_normalizer(self.normalize)  # validates the name
 
 
@@ -175,16 +175,16 @@ def _in_thread(items: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
-def _write_shard(segment_batches: Iterator[list[Segments]], encoder: FastEncoder,
+def _write_shard(segment_batches: Iterator[list[Segments]], encoder: FastEncoder | ByteLevelEncoder,
                  prefix: Path, config: PreprocessConfig, progress: _Progress) -> dict:
     """Encode and write one shard under temporary names; returns its counts."""
-    dtype = optimal_dtype(encoder.sp.get_piece_size())
+    dtype = optimal_dtype(encoder.vocab_size)
     templated = config.kind != "text"
     tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     tokens_out = IndexedWriter(f"{tmp}.bin", dtype)
     masks_out = IndexedWriter(f"{tmp}{MASK_SUFFIX}.bin", np.uint8) if templated else None
     counts = {"documents": 0, "empty_documents": 0, "tokens": 0, "target_tokens": 0}
-    eod = np.array([encoder.sp.eos_id()] if config.append_eod else [], dtype=np.int32)
+    eod = np.array([encoder.eos_id] if config.append_eod else [], dtype=np.int32)
 
     def write(batch: list[Segments], flat: np.ndarray, lengths: np.ndarray) -> None:
         # Segments of a document are consecutive in ``flat``; documents follow each other.
@@ -235,7 +235,7 @@ def remove_temporaries(prefix: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def process_shard(inputs: list[Path], prefix: Path, encoder: FastEncoder,
+def process_shard(inputs: list[Path], prefix: Path, encoder: FastEncoder | ByteLevelEncoder,
                   config: PreprocessConfig) -> dict:
     """Tokenize ``inputs`` into the shard ``prefix``; its stats file is written last."""
     remove_temporaries(prefix)
@@ -305,7 +305,10 @@ def preprocess(config: PreprocessConfig) -> dict | None:
     None when other tasks' shards are still missing)."""
     plan = shard_plan(config)
     Path(f"{config.output_prefix}.shards").mkdir(parents=True, exist_ok=True)
-    encoder = FastEncoder(config.tokenizer_model, config.workers)
+    encoder = make_encoder(config.tokenizer_model, config.workers)
+    if config.append_eod and encoder.eos_id < 0:
+        raise ValueError(f"{config.tokenizer_model}: the tokenizer has no end-of-text token for --append-eod "
+                         "(set eos_token in its tokenizer_config.json)")
     mine = plan[config.shard_index::config.num_shards]
     for inputs, prefix in mine:
         if is_complete(prefix):
@@ -327,7 +330,7 @@ def preprocess(config: PreprocessConfig) -> dict | None:
     stats = {**totals, "shards": len(plan), "seconds": round(seconds, 3),
              "tokens_per_second": round(totals["tokens"] / max(seconds, 1e-9)),
              "bad_line_examples": [e for s in shard_stats for e in s["bad_line_examples"]][:20],
-             "tokenizer_model": config.tokenizer_model, "vocab_size": encoder.sp.get_piece_size(),
+             "tokenizer_model": config.tokenizer_model, "vocab_size": encoder.vocab_size,
              "config": {k: v for k, v in asdict(config).items() if k != "progress"}}
     _write_json_atomic(Path(f"{config.output_prefix}.stats.json"), stats)
     return stats

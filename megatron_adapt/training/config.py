@@ -26,9 +26,10 @@ class ModelConfig:
     hf_dir: str = ""
     """HF LLaMA checkpoint to start from (config.json + safetensors) when no checkpoint exists."""
     tokenizer: str = ""
-    """SentencePiece model of the training data; rows are added if it extends the checkpoint's."""
+    """Tokenizer of the training data (tokenizer.model, tokenizer.json or a directory with one); rows are
+    added if it extends the checkpoint's."""
     base_tokenizer: str = ""
-    """The checkpoint's own tokenizer (defaults to hf_dir/tokenizer.model)."""
+    """The checkpoint's own tokenizer (defaults to hf_dir's tokenizer.model, else its tokenizer.json)."""
     init_method: InitMethod = "subword-mean"
     """How added rows start: subword-mean, mean, multivariate-normal."""
     init_from: str = ""

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
 from megatron_adapt.checkpoint.format import CheckpointMeta, latest
 from megatron_adapt.data.blend import BlendEntry, load_blend
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.vocab import VocabLayout
+from megatron_adapt.tokenizer.load import TextTokenizer, load_tokenizer
 from megatron_adapt.training.config import Config, ConfigError
 from megatron_adapt.training.optim import optimizer_kind_for_this_machine
 
@@ -35,7 +35,7 @@ class RunPlan:
     """Rows of the vocabulary the start checkpoint was trained with (stage 1 trains the rest)."""
     base_tokenizer: str
     tokenizer: str | None
-    """The SentencePiece model the data was preprocessed with, if the config names one."""
+    """The tokenizer (file or directory) the data was preprocessed with, if the config names one."""
     eod_id: int
     blend: list[BlendEntry]
     params_dtype: torch.dtype
@@ -58,22 +58,34 @@ def _source_checkpoint(config: Config) -> tuple[Path | None, bool]:
     return None, False
 
 
-def _pieces(model_file: str) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=model_file)
+def _tokenizer(path: str | Path, field: str) -> TextTokenizer:
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{field}: {err}") from None
 
 
-def _base_vocab(config: Config, arch: LlamaArchitecture, base_tokenizer: Path, source: Path | None) -> int:
-    if base_tokenizer.exists():
-        return _pieces(str(base_tokenizer)).get_piece_size()
+def _base_tokenizer(config: Config) -> str:
+    """The checkpoint's own tokenizer: model.base_tokenizer, else whichever kind hf_dir holds."""
+    if config.model.base_tokenizer:
+        return config.model.base_tokenizer
+    hf_dir = Path(config.model.hf_dir)
+    return str(hf_dir / "tokenizer.json") if (hf_dir / "tokenizer.json").is_file() and \
+        not (hf_dir / "tokenizer.model").is_file() else str(hf_dir / "tokenizer.model")
+
+
+def _base_vocab(config: Config, arch: LlamaArchitecture, base_tokenizer: str, source: Path | None) -> int:
+    if Path(base_tokenizer).exists():
+        return _tokenizer(base_tokenizer, "model.base_tokenizer").vocab_size
     if source is not None and config.train.freeze.train == "new_vocab_rows":
         raise ConfigError(f"model.base_tokenizer: {base_tokenizer} does not exist; it tells which rows are new")
     return arch.vocab_size  # the checkpoint's own rows are the base vocabulary
 
 
-def _eod_id(tokenizer: str | None, arch: LlamaArchitecture) -> int:
+def _eod_id(tokenizer: TextTokenizer | None, arch: LlamaArchitecture) -> int:
     """The end-of-document id the data was preprocessed with: the tokenizer's EOS."""
-    if tokenizer:
-        return _pieces(tokenizer).eos_id()
+    if tokenizer is not None and tokenizer.eos_id is not None:
+        return tokenizer.eos_id
     if isinstance(arch.eos_token_id, int):
         return arch.eos_token_id
     raise ConfigError(f"model.tokenizer: config.json's eos_token_id is {arch.eos_token_id!r}, not one id; name "
@@ -83,10 +95,11 @@ def _eod_id(tokenizer: str | None, arch: LlamaArchitecture) -> int:
 def plan_run(config: Config) -> RunPlan:
     source, resuming = _source_checkpoint(config)
     arch = LlamaArchitecture.from_hf_config(source if source else Path(config.model.hf_dir))
-    base_tokenizer = Path(config.model.base_tokenizer or Path(config.model.hf_dir) / "tokenizer.model")
+    base_tokenizer = _base_tokenizer(config)
     base_vocab = _base_vocab(config, arch, base_tokenizer, source)
-    if config.model.tokenizer:
-        vocab = _pieces(config.model.tokenizer).get_piece_size()
+    tokenizer = _tokenizer(config.model.tokenizer, "model.tokenizer") if config.model.tokenizer else None
+    if tokenizer is not None:
+        vocab = tokenizer.vocab_size
         if source is not None and vocab != arch.vocab_size:
             raise ConfigError(f"model.tokenizer: {config.model.tokenizer} has {vocab} pieces but checkpoint "
                               f"{source} has {arch.vocab_size} vocabulary rows")
@@ -103,7 +116,7 @@ def plan_run(config: Config) -> RunPlan:
     blend = load_blend(config.data.blend)  # names any missing data prefix
     arch.check_parallel_layout(config.parallel.tp, config.parallel.pp)
     return RunPlan(arch=arch, source=source, resuming=resuming, base_vocab=base_vocab,
-                   base_tokenizer=str(base_tokenizer), tokenizer=config.model.tokenizer or None,
-                   eod_id=_eod_id(config.model.tokenizer, arch), blend=blend,
+                   base_tokenizer=base_tokenizer, tokenizer=config.model.tokenizer or None,
+                   eod_id=_eod_id(tokenizer, arch), blend=blend,
                    params_dtype=torch.bfloat16 if config.optim.bf16 else torch.float32,
                    distributed_optimizer=planned == "distributed")

@@ -217,3 +217,28 @@ def test_plain_conversion_is_exact_and_a_bare_tokenizer_model_exports(recipe, tm
     text = "The quick brown fox, 42 times."
     expected = spm.SentencePieceProcessor(model_file=str(base_tok / "tokenizer.model")).encode(text)
     assert AutoTokenizer.from_pretrained(release)(text)["input_ids"] == [1] + expected, "exported tokenizer differs"
+
+
+def test_tied_checkpoint_with_another_lm_head_is_refused(recipe, tmp_path):
+    from safetensors.torch import save_file
+
+    hf = tmp_path / "tied"
+    hf.mkdir()
+    config = json.loads((recipe / "base_llama" / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    weights = {}
+    for f in (recipe / "base_llama").glob("*.safetensors"):
+        weights |= load_file(f)
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1
+    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tied.*tie_word_embeddings=true but lm_head.weight differs"):
+        hf_to_megatron(hf, recipe / "tokenizer", tmp_path / "out", base_tokenizer=recipe / "base_tokenizer")
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_base_tokenizer_of_another_model_is_refused(recipe, smollm2_tokenizer, smollm2_vi, tmp_path):
+    """SmolLM2's extended tokenizer for the recipe's 1000-row model: the base has 49152 ids."""
+    with pytest.raises(ValueError, match=r"tokenizer.json has 49152 tokens but the checkpoint has 1000 embedding rows"):
+        hf_to_megatron(recipe / "base_llama", smollm2_vi, tmp_path / "out",
+                       base_tokenizer=smollm2_tokenizer)
+    assert not (tmp_path / "out").exists()

@@ -214,3 +214,40 @@ def test_progress_line_for_slurm_logs_renders(caplog):
     with caplog.at_level("INFO", logger="megatron_adapt.data.preprocess"):
         progress.update(docs=7, tokens=5000)
     assert "shard: 25.0% 7 docs" in caplog.text and "tokens/s ETA" in caplog.text
+
+
+@pytest.mark.parametrize("extra_id", [None, 70000], ids=["uint16", "int32-past-65500"])
+def test_byte_level_bpe_tokenizer_directory(tmp_path, viwiki_docs, smollm2_vi, extra_id):
+    """An HF tokenizer directory (SmolLM2 + Vietnamese) as --tokenizer-model; with a special token at
+    id 70000 the ids no longer fit uint16 and are stored as int32, as megatron-core does."""
+    from tokenizers import Tokenizer
+
+    tok_dir = smollm2_vi
+    if extra_id is not None:
+        tok_dir = tmp_path / "tok"
+        tok_dir.mkdir()
+        spec = json.loads((smollm2_vi / "tokenizer.json").read_text())
+        spec["added_tokens"].append({"id": extra_id, "content": "<|reserved|>", "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": True})
+        (tok_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        (tok_dir / "tokenizer_config.json").write_bytes((smollm2_vi / "tokenizer_config.json").read_bytes())
+    docs = viwiki_docs[:200] + ["", "Hello <|reserved|> world"]
+    path = tmp_path / "vi.jsonl"
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    out = tmp_path / "out" / "vi"
+    assert main(["--input", str(path), "--tokenizer-model", str(tok_dir), "--output-prefix", str(out),
+                 "--append-eod", "--normalize", "vi"]) == 0
+
+    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    eos = tokenizer.token_to_id(json.loads((tok_dir / "tokenizer_config.json").read_text())["eos_token"])
+    expected = [e.ids + [eos] for e in tokenizer.encode_batch([normalize_vi(d) for d in docs], add_special_tokens=False)
+                if e.ids]
+    got = _read(out)
+    assert len(got) == len(expected) == len(docs) - 1
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.tolist() == e, f"document {i}: ids differ from the tokenizers library's encode"
+    assert max(max(e) for e in expected) >= 49152, "the extended tokenizer's new ids should appear"
+    want = np.int32 if extra_id is not None else np.uint16
+    assert IndexedDataset(str(out)).index.dtype == want
+    stats = json.loads(Path(f"{out}.stats.json").read_text())
+    assert stats["vocab_size"] == (extra_id + 1 if extra_id is not None else 65152)

@@ -1,5 +1,6 @@
 """The fused vocabulary kernels in the model give megatron-core's losses and gradients, for
-stage 1 (added rows only, boundary inside a rank's slice) and stage 2, at TP=2 and PP=2."""
+stage 1 (added rows only, boundary inside a rank's slice) and stage 2, at TP=2 and PP=2, with
+separate and with tied embedding and output weights."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from tests.multiprocess import run_ranks
 VOCAB, BASE, SEQ = 300, 200, 16  # TP=2 pads to 512 rows: rank 0 holds 0..255, so new rows start inside it
 
 
-def _rank_compare(policy: str) -> dict:
+def _rank_compare(policy: str, tied: bool) -> dict:
     arch = LlamaArchitecture(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
     torch.manual_seed(0)
     freeze = FreezePolicy(train=policy)
     reference = build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE))
@@ -37,9 +38,12 @@ def _rank_compare(policy: str) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("policy,tp,pp", [("new_vocab_rows", 2, 1), ("all", 2, 1), ("new_vocab_rows", 1, 2)])
-def test_fused_equals_megatron_core(policy, tp, pp):
-    for rank, r in enumerate(run_ranks(_rank_compare, policy, tp=tp, pp=pp)):
+@pytest.mark.parametrize("policy,tp,pp,tied", [
+    ("new_vocab_rows", 2, 1, False), ("all", 2, 1, False), ("new_vocab_rows", 1, 2, False),
+    ("new_vocab_rows", 2, 1, True), ("all", 1, 2, True)])
+def test_fused_equals_megatron_core(policy, tp, pp, tied):
+    """Tied at TP=2 on one stage: the one table's gradient sums the lookup's and the loss's."""
+    for rank, r in enumerate(run_ranks(_rank_compare, policy, tied, tp=tp, pp=pp)):
         ref_loss, fused_loss = r["losses"]
         if ref_loss is not None:
             assert abs(fused_loss - ref_loss) <= 1e-5 * abs(ref_loss), f"rank {rank}: loss {fused_loss} vs {ref_loss}"

@@ -198,3 +198,18 @@ def test_end_of_document_id_is_not_guessed(recipe, tmp_path):
         plan_run(config)
     assert plan_run(load_config(recipe / "config.yaml", [f"model.hf_dir={hf}", f"checkpoint.save={tmp_path / 'r'}"])
                     ).eod_id == 2, "the data's tokenizer names the EOD id"
+
+
+def test_plan_for_a_tied_byte_level_bpe_model(recipe, smollm2_hf, smollm2_vi, tmp_path):
+    """SmolLM2 (tied, tokenizer.json only) with its Vietnamese extension: the base tokenizer is found in
+    hf_dir, the vocabulary grows to the extension, stage 1 trains from the base's last id on."""
+    config = load_config(recipe / "config.yaml", [
+        f"model.hf_dir={smollm2_hf}", f"model.tokenizer={smollm2_vi}", "model.base_tokenizer=",
+        "train.freeze.train=new_vocab_rows", f"checkpoint.save={tmp_path / 'run'}", "parallel.tp=1"])
+    plan = plan_run(config)
+    assert plan.base_tokenizer.endswith("tokenizer.json") and plan.base_vocab == 49152
+    assert plan.arch.vocab_size == 65152 and plan.arch.tie_word_embeddings
+    eos = json.loads((smollm2_vi / "tokenizer_config.json").read_text())["eos_token"]
+    from tokenizers import Tokenizer
+    assert plan.eod_id == Tokenizer.from_file(str(smollm2_vi / "tokenizer.json")).token_to_id(eos)
+    assert plan.vocab_layout(config, fused=False).first_trainable == 49152
