@@ -86,3 +86,40 @@ def test_resume_at_another_tensor_parallel_size(recipe, tmp_path, stage):
         rel = abs(got[step] - expected[step]) / expected[step]
         assert rel <= TP_CHANGE_TOLERANCE and math.isfinite(got[step]), \
             f"step {step}: TP=1 resume loss {got[step]:.6f} vs {expected[step]:.6f} ({rel:.2e}): optimizer state lost?"
+
+
+def _tied_copy(recipe: Path, out: Path) -> Path:
+    """The recipe's tiny LLaMA with its output layer tied to the embedding (lm_head dropped)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    config = json.loads((recipe / "base_llama" / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    weights = {}
+    for f in (recipe / "base_llama").glob("*.safetensors"):
+        weights |= load_file(f)
+    del weights["lm_head.weight"]
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.distributed
+def test_tied_stage1_resume_at_another_pipeline_size(recipe, tmp_path):
+    """Tied embeddings at PP=2 keep a copy of the table (and of the added rows' optimizer state) on
+    the last stage; saved there and resumed at PP=1, the run continues as the uninterrupted one."""
+    sets = [f"model.hf_dir={_tied_copy(recipe, tmp_path / 'tied')}", "train.freeze={train: new_vocab_rows}",
+            "parallel.tp=1"]
+    reference = tmp_path / "reference"
+    _run(recipe, reference, 2, *sets, "parallel.pp=2")
+    expected = _losses(reference)
+    assert expected[10] < expected[1], f"tied stage 1 did not lower the loss: {expected}"
+    run = tmp_path / "repiped"
+    _run(recipe, run, 2, *sets, "parallel.pp=2", stop_after_step=5)
+    saved = int((run / "latest").read_text().strip().split("_")[1])
+    _run(recipe, run, 1, *sets, "parallel.pp=1")
+    got = _losses(run)
+    assert saved < 10 and len(got) == 10, f"saved at step {saved}, losses for steps {sorted(got)}"
+    for step in range(saved + 1, 11):
+        rel = abs(got[step] - expected[step]) / expected[step]
+        assert rel <= TP_CHANGE_TOLERANCE and math.isfinite(got[step]), \
+            f"step {step}: PP=1 resume loss {got[step]:.6f} vs {expected[step]:.6f} ({rel:.2e}): tied state lost?"
