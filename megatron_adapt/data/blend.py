@@ -65,3 +65,22 @@ def load_blend(path: str | Path) -> list[BlendEntry]:
             if not Path(f"{e.prefix}{ext}").exists():
                 raise FileNotFoundError(f"{path}: data prefix {e.prefix} has no {e.prefix}{ext}")
     return entries
+
+
+def bytes_per_token(entries: list[BlendEntry]) -> dict[str, float]:
+    """UTF-8 text bytes per stored token of each group, from the preprocessing stats beside its
+    datasets (``text_bytes``, ``tokens``); groups whose stats lack them are left out. Turns a loss
+    per token into bits per byte, which compares across tokenizers."""
+    totals: dict[str, list[int]] = {}
+    missing = set()
+    for e in entries:
+        path = Path(f"{e.prefix}.stats.json")
+        stats = json.loads(path.read_text()) if path.exists() else {}
+        if "text_bytes" not in stats:
+            missing.add(e.group)
+            continue
+        group = totals.setdefault(e.group, [0, 0])
+        group[0] += stats["text_bytes"]
+        group[1] += stats["tokens"]
+    return {g: b / t for g, (b, t) in totals.items() if g not in missing and t}
+

@@ -183,7 +183,7 @@ def _write_shard(segment_batches: Iterator[list[Segments]], encoder: FastEncoder
     tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     tokens_out = IndexedWriter(f"{tmp}.bin", dtype)
     masks_out = IndexedWriter(f"{tmp}{MASK_SUFFIX}.bin", np.uint8) if templated else None
-    counts = {"documents": 0, "empty_documents": 0, "tokens": 0, "target_tokens": 0}
+    counts = {"documents": 0, "empty_documents": 0, "tokens": 0, "target_tokens": 0, "text_bytes": 0}
     eod = np.array([encoder.eos_id] if config.append_eod else [], dtype=np.int32)
 
     def write(batch: list[Segments], flat: np.ndarray, lengths: np.ndarray) -> None:
@@ -208,6 +208,7 @@ def _write_shard(segment_batches: Iterator[list[Segments]], encoder: FastEncoder
             counts["documents"] += 1
             counts["tokens"] += len(tokens)
             counts["target_tokens"] += n_target
+            counts["text_bytes"] += sum(len(text.encode("utf-8")) for text, _ in doc)
         progress.update(len(batch), int(offsets[-1]))
 
     def encoded() -> Iterator[tuple[list[Segments], np.ndarray, np.ndarray]]:
@@ -325,7 +326,8 @@ def preprocess(config: PreprocessConfig) -> dict | None:
     shard_stats = [json.loads(Path(f"{prefix}.stats.json").read_text()) for _, prefix in plan]
     merge_shards([prefix for _, prefix in plan], config.output_prefix, templated=config.kind != "text")
     totals = {key: sum(s[key] for s in shard_stats)
-              for key in ("documents", "empty_documents", "tokens", "target_tokens", "input_bytes", "bad_lines")}
+              for key in ("documents", "empty_documents", "tokens", "target_tokens", "input_bytes", "text_bytes",
+                          "bad_lines")}
     seconds = sum(s["seconds"] for s in shard_stats)
     stats = {**totals, "shards": len(plan), "seconds": round(seconds, 3),
              "tokens_per_second": round(totals["tokens"] / max(seconds, 1e-9)),

@@ -103,9 +103,17 @@ def merge_pairs(spec: dict) -> list[tuple[str, str]]:
 
 
 def extended_spec(base: dict, merges: list[tuple[str, str]]) -> dict:
-    """The base tokenizer.json with ``merges`` appended and their tokens given the next ids."""
+    """The base tokenizer.json with ``merges`` appended and their tokens given the next ids.
+
+    The tokenizers library gives an added token that is not in the model's vocabulary the id
+    ``len(vocab) + k`` when it loads a file, whatever id the file records: LLaMA-3's specials keep
+    128000… only because its vocabulary has exactly 128000 entries. Once new tokens follow them that
+    count no longer matches, so such tokens are entered into the vocabulary under their own ids.
+    """
     spec = copy.deepcopy(base)
     vocab, next_id = spec["model"]["vocab"], first_new_id(base)
+    for token in spec.get("added_tokens", []):
+        vocab.setdefault(token["content"], token["id"])
     as_lists = bool(spec["model"]["merges"]) and isinstance(spec["model"]["merges"][0], list)
     for a, b in merges:
         vocab[a + b] = next_id

@@ -19,7 +19,6 @@ import os
 import shutil
 import tempfile
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from megatron_adapt.text.corpus import BadLine, iter_documents
+from megatron_adapt.text.heldout import is_heldout
 from megatron_adapt.tokenizer import bpe_extend, byte_level_bpe, sentencepiece_model
 from megatron_adapt.tokenizer.hf_files import write_hf_files
 from megatron_adapt.tokenizer.languages import profile
@@ -95,8 +95,8 @@ def split_lines(paths: list[Path], text_key: str, per_mille: int, progress: bool
             for j, line in enumerate(text.split("\n")):
                 if not line.strip():
                     continue
-                key = zlib.crc32(f"{path.name}:{lineno}:{j}".encode()) % 1000
-                (split.heldout if key < per_mille else split.train).append(line)
+                heldout = is_heldout(f"{path.name}:{lineno}:{j}", per_mille)
+                (split.heldout if heldout else split.train).append(line)
     return split
 
 

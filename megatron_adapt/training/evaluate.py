@@ -1,6 +1,10 @@
-"""Validation during training: the loss per blend group on held-out samples."""
+"""Validation during training: the loss per blend group on held-out samples, and its bits per
+UTF-8 byte where the group's preprocessing stats give bytes per token (a per-token loss does not
+compare across tokenizers; bits per byte does, and matches ``tools/evaluate.py``)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from megatron.core import parallel_state
@@ -11,8 +15,10 @@ from megatron_adapt.training.data import micro_batches
 from megatron_adapt.training.step import forward_backward
 
 
-def evaluate(model, valid_sets: dict, config: Config, iteration: int) -> dict[str, float]:
-    """Validation loss per blend group over ``eval_steps`` global batches (different ones each round)."""
+def evaluate(model, valid_sets: dict, config: Config, iteration: int,
+             bytes_per_token: dict[str, float] | None = None) -> dict[str, float]:
+    """Validation loss per blend group over ``eval_steps`` global batches (different ones each round),
+    and ``valid_bpb/<group>`` for groups in ``bytes_per_token``."""
     out = {}
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     gbs, steps = config.train.global_batch_size, config.train.eval_steps
@@ -28,6 +34,9 @@ def evaluate(model, valid_sets: dict, config: Config, iteration: int) -> dict[st
                 batches = micro_batches(dataset, start, gbs, config.train.micro_batch_size, dp_rank, dp_size)
                 losses.append(forward_backward(model, batches, forward_only=True))
             if losses[0] is not None:
-                out[f"valid_loss/{group}"] = data_parallel_mean(sum(losses) / len(losses))
+                loss = data_parallel_mean(sum(losses) / len(losses))
+                out[f"valid_loss/{group}"] = loss
+                if bytes_per_token and group in bytes_per_token:
+                    out[f"valid_bpb/{group}"] = loss / math.log(2) / bytes_per_token[group]
     model.train()
     return out

@@ -31,6 +31,7 @@ from megatron.core.distributed import (
 from megatron_adapt import distributed
 from megatron_adapt.checkpoint import train_state
 from megatron_adapt.checkpoint.hf import HFCheckpointReader
+from megatron_adapt.data.blend import bytes_per_token
 from megatron_adapt.model.build import LlamaGPTModel, build_llama
 from megatron_adapt.model.freeze import apply_freeze_policy
 from megatron_adapt.model.fused_vocab import fused_vocab_supported
@@ -73,6 +74,7 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
         iteration, consumed = meta.iteration, meta.consumed_samples
         log.info("resumed from %s at step %d", plan.source, iteration)
     train_set, valid_sets = _datasets(config, plan, run_dir)
+    byte_rates = bytes_per_token(plan.blend)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     sink = MetricsSink(config, active=_holds_loss() and dp_rank == 0)
     throughput = _throughput(config, plan)
@@ -94,7 +96,7 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
             reported = iteration
             _log_step(sink, iteration, steps, metrics)
         if config.train.eval_interval and iteration % config.train.eval_interval == 0:
-            _log_step(sink, iteration, steps, evaluate(model, valid_sets, config, iteration))
+            _log_step(sink, iteration, steps, evaluate(model, valid_sets, config, iteration, byte_rates))
         stop = distributed.any_rank(_STOP["requested"])
         if stop or iteration % config.checkpoint.save_interval == 0 or iteration == steps:
             train_state.save(run_dir, iteration, model, optimizer, scheduler, consumed, to_dict(config),

@@ -24,6 +24,7 @@ def test_quickstart_runs_the_whole_recipe():
         losses = [json.loads(l)["loss"] for l in (run / stage / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
         assert losses[-1] < losses[0], f"{stage}: training loss did not decrease ({losses})"
     assert (run / "stage2" / "done").exists()
+    _check_validation_bits_per_byte(run)
     report = json.loads((run / "tokenizer" / "report.json").read_text())
     assert report["unreachable_added"] == 0 and report["added"] > 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,3 +33,23 @@ def test_quickstart_runs_the_whole_recipe():
     model = AutoModelForCausalLM.from_pretrained(run / "hf_release")
     assert model.config.vocab_size == len(tokenizer) == 2000 + report["added"]
     assert "> Việt Nam là" in proc.stdout
+
+
+def _check_validation_bits_per_byte(run: Path) -> None:
+    """valid_bpb/<group> = valid_loss/<group> / ln 2 / (text bytes per token of the group's data)."""
+    import math
+
+    records = [json.loads(line) for line in (run / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if any(k.startswith("valid_loss/") for k in r)]
+    assert validation, "stage 1 logged no validation"
+    blend = json.loads((run / "data" / "stage1.json").read_text())["datasets"]
+    for key, loss in validation[-1].items():
+        if not key.startswith("valid_loss/"):
+            continue
+        group = key.split("/", 1)[1]
+        stats = [json.loads(Path(f"{d['prefix']}.stats.json").read_text()) for d in blend if d["group"] == group]
+        bytes_per_token = sum(s["text_bytes"] for s in stats) / sum(s["tokens"] for s in stats)
+        got = validation[-1].get(f"valid_bpb/{group}")
+        assert got is not None and math.isclose(got, loss / math.log(2) / bytes_per_token, rel_tol=1e-9), \
+            f"valid_bpb/{group} is {got}, loss {loss}, {bytes_per_token:.3f} bytes/token"
+

@@ -140,3 +140,52 @@ def test_refuses_tokenizers_that_are_not_bpe(tmp_path, capsys, model):
     err = capsys.readouterr().err
     assert code == 2 and path in err and "not BPE" in err, err
     assert not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir()), "a failed run left files behind"
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def test_llama3_style_tokenizer(tmp_path):
+    """LLaMA-3's layout in miniature: a Split regex before a regex-free ByteLevel, ignore_merges, and
+    special tokens with ids past the BPE vocabulary. New ids must start after the highest of them."""
+    from tokenizers import Regex, decoders
+    from transformers import AutoTokenizer
+
+    from megatron_adapt.text.corpus import iter_documents
+    from tests.conftest import SAMPLE
+
+    english = [t for _, t in iter_documents(SAMPLE / "en_gutenberg.jsonl.xz", "text")]
+    base = Tokenizer(models.BPE(ignore_merges=True))
+    base.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    base.decoder = decoders.ByteLevel()
+    base.train_from_iterator(english, trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    base.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_0|>"])
+    first_new = base.get_vocab_size(with_added_tokens=True)
+    base_dir = tmp_path / "llama3ish"
+    base_dir.mkdir()
+    base.save(str(base_dir / "tokenizer.json"))
+    (base_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+
+    out = tmp_path / "vi"
+    assert main(["--base-model", str(base_dir), "--corpus", str(SAMPLE / "vi_wiki.jsonl.xz"),
+                 "--english", str(SAMPLE / "en_gutenberg.jsonl.xz"), "--num-new-tokens", "300", "--lang", "vi",
+                 "--output-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["unreachable_added"] == 0 and report["added"] > 100
+    assert report["base_vocab_size"] == first_new and report["vocab_size"] == first_new + report["added"]
+    ext = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for special in ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_0|>"):
+        assert ext.token_to_id(special) == base.token_to_id(special), f"{special} moved"
+    new_ids = sorted(i for t, i in ext.get_vocab(with_added_tokens=False).items() if i >= first_new)
+    assert new_ids == list(range(first_new, first_new + report["added"]))
+    assert report["fertility"]["vi"]["extended"] < 0.8 * report["fertility"]["vi"]["base"], report["fertility"]
+    auto = AutoTokenizer.from_pretrained(out)
+    lines = [t.split("\n")[0] for _, t in iter_documents(SAMPLE / "vi_wiki.jsonl.xz", "text")][:200]
+    for line in lines:
+        ids = auto(line, add_special_tokens=False)["input_ids"]
+        assert ids == ext.encode(line, add_special_tokens=False).ids and auto.decode(ids) == line
+    assert auto.eos_token_id == base.token_to_id("<|end_of_text|>")

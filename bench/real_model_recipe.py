@@ -1,0 +1,204 @@
+"""The whole recipe on a real pretrained model on CPU, measured after every step of it.
+
+    python bench/real_model_recipe.py --work runs/real_model      # SmolLM2-135M from ../shared/data
+
+Steps (each is skipped when its output exists, so a rerun continues): the GGUF as an HF model →
+extend its tokenizer with Vietnamese → training paragraphs of Vietnamese Wikipedia and English
+Gutenberg (the held-out ones, ``configs/lm_eval/heldout_*.jsonl``, left out) preprocessed →
+hf-to-megatron with each init method → stage 1 (new rows only) from the subword-mean start →
+stage 2 (all weights, vi:en blend) → export. ``tools/evaluate.py`` scores held-out Vietnamese and
+English (bits per byte, tokens per word) for the base model, each resized start, and each stage's
+export. Writes WORK/results.json, WORK/results.md (the table) and WORK/curves.png (training loss
+and validation bits per byte per group over both stages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+INITS = ("subword-mean", "mean", "multivariate-normal")
+
+
+def run(*cmd: str, log: Path | None = None) -> None:
+    print("+", " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", WANDB_MODE="disabled")
+    with open(log, "w") if log else open(os.devnull, "w") as out:
+        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if code:
+        sys.exit(f"failed ({code}): {' '.join(cmd)}" + (f"; log: {log}" if log else ""))
+
+
+def tool(name: str, *args: str, log: Path | None = None) -> None:
+    run(sys.executable, str(ROOT / "tools" / name), *args, log=log)
+
+
+def training_paragraphs(corpus: Path, out: Path, max_bytes: int, lang: str | None) -> None:
+    """The training side of the held-out split, up to ``max_bytes`` of text, as JSONL."""
+    from megatron_adapt.tokenizer.languages import profile
+    from megatron_adapt.text.heldout import split_paragraphs
+
+    normalize = profile(lang).normalize or (lambda s: s)
+    total, lines = 0, []
+    for paragraph in split_paragraphs([corpus]).train:
+        if len(paragraph) < 40:
+            continue
+        lines.append(json.dumps({"text": normalize(paragraph)}, ensure_ascii=False))
+        total += len(paragraph.encode())
+        if total >= max_bytes:
+            break
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def evaluate(model: Path, work: Path, name: str, docs: int) -> dict:
+    out = work / "eval" / f"{name}.json"
+    if not out.exists():
+        out.parent.mkdir(exist_ok=True)
+        tool("evaluate.py", "--model", str(model), "--data", f"vi={ROOT / 'configs/lm_eval/heldout_vi.jsonl'}",
+             "--data", f"en={ROOT / 'configs/lm_eval/heldout_en.jsonl'}", "--max-docs", str(docs),
+             "--output", str(out))
+    return json.loads(out.read_text())["models"][str(model)]
+
+
+def stage_config(work: Path, stage: int, args, init_from: Path) -> Path:
+    steps = args.stage1_steps if stage == 1 else args.stage2_steps
+    config = {
+        "model": {"hf_dir": str(work / "base"), "tokenizer": str(work / "tokenizer"),
+                  "base_tokenizer": str(work / "base" / "tokenizer.json"), "init_from": str(init_from)},
+        "data": {"blend": str(work / "data" / f"stage{stage}.json"), "seq_length": args.seq, "split": "98,2,0"},
+        "parallel": {"tp": 1, "pp": 1},
+        "optim": {"lr": args.stage1_lr if stage == 1 else args.stage2_lr, "min_lr": 1e-5,
+                  "warmup_steps": max(steps // 20, 1), "weight_decay": 0.0 if stage == 1 else 0.1,
+                  "clip_grad": 1.0, "bf16": False},
+        "train": {"steps": steps, "global_batch_size": args.gbs, "micro_batch_size": args.micro_batch,
+                  "freeze": {"train": "new_vocab_rows" if stage == 1 else "all"},
+                  "eval_interval": max(steps // 5, 1), "eval_steps": 2, "log_interval": max(steps // 50, 1)},
+        "checkpoint": {"save": str(work / f"stage{stage}"), "save_interval": steps},
+    }
+    path = work / f"stage{stage}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train(work: Path, stage: int, args, init_from: Path) -> None:
+    if (work / f"stage{stage}" / "done").exists():
+        return
+    config = stage_config(work, stage, args, init_from)
+    run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "megatron_adapt.pretrain",
+        "--config", str(config), log=work / f"stage{stage}.log")
+
+
+def export(work: Path, checkpoint: Path, name: str) -> Path:
+    out = work / "hf" / name
+    if not (out / "config.json").exists():
+        tool("convert_checkpoint.py", "megatron-to-hf", "--checkpoint", str(checkpoint), "--tokenizer-dir",
+             str(work / "tokenizer"), "--output", str(out), "--dtype", "fp32")
+    return out
+
+
+def prepare(work: Path, args) -> None:
+    if not (work / "base" / "config.json").exists():
+        tool("convert_checkpoint.py", "gguf-to-hf", "--gguf", str(args.gguf), "--output", str(work / "base"))
+    if not (work / "tokenizer" / "report.json").exists():
+        tool("extend_tokenizer.py", "--base-model", str(work / "base"), "--corpus", str(SHARED / "vi/viwiki_undertheseanlp.jsonl.xz"),
+             "--english", str(SHARED / "en/gutenberg_classics.jsonl.xz"), "--num-new-tokens", str(args.new_tokens),
+             "--lang", "vi", "--output-dir", str(work / "tokenizer"), "--overwrite")
+    data = work / "data"
+    data.mkdir(exist_ok=True)
+    for lang, corpus, mb in (("vi", SHARED / "vi/viwiki_undertheseanlp.jsonl.xz", args.vi_mb),
+                             ("en", SHARED / "en/gutenberg_classics.jsonl.xz", args.en_mb)):
+        if not Path(f"{data / lang}.stats.json").exists():
+            training_paragraphs(corpus, data / f"{lang}.jsonl", int(mb * 1e6), lang if lang == "vi" else None)
+            tool("preprocess_data.py", "--input", str(data / f"{lang}.jsonl"), "--tokenizer-model", str(work / "tokenizer"),
+                 "--output-prefix", str(data / lang), "--append-eod")
+    for stage, weights in ((1, args.stage1_blend), (2, args.stage2_blend)):
+        vi, en = weights.split(":")
+        tool("make_blend.py", "--group", f"vi={vi}:{data / 'vi'}", "--group", f"en={en}:{data / 'en'}",
+             "--output", str(data / f"stage{stage}.json"))
+    for init in INITS:
+        if not (work / f"start-{init}" / "latest").exists():
+            tool("convert_checkpoint.py", "hf-to-megatron", "--hf-dir", str(work / "base"), "--tokenizer-dir",
+                 str(work / "tokenizer"), "--init", init, "--output", str(work / f"start-{init}"))
+
+
+def curves(work: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, bpb_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for stage in (1, 2):
+        rows = [json.loads(line) for line in (work / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+        train_rows = [r for r in rows if "loss" in r]
+        loss_ax.plot([offset + r["step"] for r in train_rows], [r["loss"] for r in train_rows], label=f"stage {stage}")
+        for key in sorted({k for r in rows for k in r if k.startswith("valid_bpb/")}):
+            points = [(offset + r["step"], r[key]) for r in rows if key in r]
+            bpb_ax.plot(*zip(*points), marker="o", label=f"stage {stage} {key.split('/')[1]}")
+        offset += max(r["step"] for r in rows)
+        loss_ax.axvline(offset, color="grey", lw=0.5)
+    loss_ax.set(xlabel="step", ylabel="training loss (nats/token)", title="SmolLM2-135M + Vietnamese: loss")
+    bpb_ax.set(xlabel="step", ylabel="validation bits per byte", title="validation bits/byte per group")
+    loss_ax.legend()
+    bpb_ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="runs/real_model")
+    parser.add_argument("--gguf", default=str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    parser.add_argument("--new-tokens", type=int, default=16000)
+    parser.add_argument("--vi-mb", type=float, default=8.0, help="Vietnamese training text, MB")
+    parser.add_argument("--en-mb", type=float, default=4.0, help="English training text, MB")
+    parser.add_argument("--stage1-blend", default="3:1", help="vi:en weights")
+    parser.add_argument("--stage2-blend", default="5:2", help="vi:en weights")
+    parser.add_argument("--stage1-steps", type=int, default=200)
+    parser.add_argument("--stage2-steps", type=int, default=200)
+    parser.add_argument("--stage1-lr", type=float, default=3e-3)
+    parser.add_argument("--stage2-lr", type=float, default=3e-4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--gbs", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--eval-docs", type=int, default=60)
+    args = parser.parse_args()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    prepare(work, args)
+
+    results = {"base SmolLM2-135M": evaluate(work / "base", work, "base", args.eval_docs)}
+    for init in INITS:
+        results[f"resized, {init}"] = evaluate(export(work, work / f"start-{init}", f"start-{init}"), work,
+                                               f"start-{init}", args.eval_docs)
+    train(work, 1, args, work / "start-subword-mean")
+    results["after stage 1"] = evaluate(export(work, work / "stage1", "stage1"), work, "stage1", args.eval_docs)
+    train(work, 2, args, work / "stage1")
+    results["after stage 2"] = evaluate(export(work, work / "stage2", "stage2"), work, "stage2", args.eval_docs)
+
+    base = results["base SmolLM2-135M"]
+    lines = ["| model | vi bits/byte | en bits/byte | vi vs base | en vs base | vi tokens/word | en tokens/word |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['vi']['bits_per_byte']:.3f} | {r['en']['bits_per_byte']:.3f} | "
+                     f"{r['vi']['bits_per_byte'] / base['vi']['bits_per_byte'] - 1:+.1%} | "
+                     f"{r['en']['bits_per_byte'] / base['en']['bits_per_byte'] - 1:+.1%} | "
+                     f"{r['vi']['tokens_per_word']:.2f} | {r['en']['tokens_per_word']:.2f} |")
+    (work / "results.md").write_text("\n".join(lines) + "\n")
+    (work / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    curves(work, work / "curves.png")
+    print("\n".join(lines))
+    print(f"written: {work}/results.json, results.md, curves.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Score Hugging Face causal LMs on held-out text per language: bits per UTF-8 byte (comparable
+across tokenizers), perplexity and tokens per word, models side by side.
+
+    python tools/evaluate.py --model models/smollm2 --model release/smollm2-vi \
+        --data vi=heldout/vi.jsonl.xz --data en=heldout/en.txt --max-docs 60 --output eval.json
+
+Data: plain text (a document per line) or JSONL (``--text-key``), optionally .gz/.xz/.bz2/.zst.
+Documents longer than ``--context`` tokens are scored with a sliding window. The table is printed;
+every figure goes to the JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_adapt.evaluation.bits_per_byte import score_texts
+from megatron_adapt.text.corpus import iter_documents
+
+
+def _data_arg(value: str) -> tuple[str, Path]:
+    lang, sep, path = value.partition("=")
+    if not sep or not lang or not path:
+        raise argparse.ArgumentTypeError(f"--data {value!r}: expected LANG=FILE")
+    return lang, Path(path)
+
+
+def read_texts(path: Path, text_key: str, max_docs: int | None) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    texts = []
+    for _, text in iter_documents(path, text_key):
+        if text.strip():
+            texts.append(text)
+            if max_docs and len(texts) == max_docs:
+                break
+    if not texts:
+        raise ValueError(f"{path}: no text to score")
+    return texts
+
+
+def load_model(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: cannot load it as a Hugging Face causal LM ({err})") from None
+    return model.eval(), tokenizer
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> list[str]:
+    models = list(results)
+    width = max(14, *(len(Path(m).name) + 2 for m in models))
+    lines = [f"{'':24}" + "".join(f"{Path(m).name:>{width}}" for m in models)]
+    for lang in next(iter(results.values())):
+        for key, label, fmt in (("bits_per_byte", "bits/byte", ".4f"), ("perplexity", "perplexity", ".2f"),
+                                ("tokens_per_word", "tokens/word", ".3f")):
+            lines.append(f"{lang + ' ' + label:24}" + "".join(f"{results[m][lang][key]:>{width}{fmt}}" for m in models))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", required=True, help="HF model directory (repeat to compare)")
+    parser.add_argument("--data", action="append", required=True, type=_data_arg, help="LANG=FILE (repeatable)")
+    parser.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    parser.add_argument("--max-docs", type=int, help="score the first N non-empty documents per language")
+    parser.add_argument("--context", type=int, default=2048, help="window length in tokens")
+    parser.add_argument("--stride", type=int, help="window step (default: half the context)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--output", default="evaluation.json", help="JSON file for every figure")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = sys.stderr.isatty()
+    try:
+        data = {lang: read_texts(path, args.text_key, args.max_docs) for lang, path in args.data}
+        results: dict[str, dict[str, dict]] = {}
+        for path in args.model:
+            model, tokenizer = load_model(path)
+            context = min(args.context, getattr(model.config, "max_position_embeddings", args.context))
+            results[path] = {lang: score_texts(model, tokenizer, texts, context, args.stride, progress,
+                                               desc=f"{Path(path).name} {lang}").as_dict()
+                             for lang, texts in data.items()}
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(format_table(results)))
+    Path(args.output).write_text(json.dumps({"models": results, "data": {lang: str(p) for lang, p in args.data},
+                                             "context": args.context, "stride": args.stride}, indent=2))
+    print(f"written: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
