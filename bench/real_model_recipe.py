@@ -80,7 +80,7 @@ def stage_config(work: Path, stage: int, args, init_from: Path) -> Path:
                   "clip_grad": 1.0, "bf16": False},
         "train": {"steps": steps, "global_batch_size": args.gbs, "micro_batch_size": args.micro_batch,
                   "freeze": {"train": "new_vocab_rows" if stage == 1 else "all"},
-                  "eval_interval": max(steps // 5, 1), "eval_steps": 2, "log_interval": max(steps // 50, 1)},
+                  "eval_interval": max(steps // 4, 1), "eval_steps": 1, "log_interval": max(steps // 40, 1)},
         "checkpoint": {"save": str(work / f"stage{stage}"), "save_interval": steps},
     }
     path = work / f"stage{stage}.yaml"
@@ -136,14 +136,17 @@ def curves(work: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, bpb_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    offset = 0
+    colors, offset = {}, 0
     for stage in (1, 2):
         rows = [json.loads(line) for line in (work / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
         train_rows = [r for r in rows if "loss" in r]
         loss_ax.plot([offset + r["step"] for r in train_rows], [r["loss"] for r in train_rows], label=f"stage {stage}")
         for key in sorted({k for r in rows for k in r if k.startswith("valid_bpb/")}):
+            group = key.split("/")[1]
             points = [(offset + r["step"], r[key]) for r in rows if key in r]
-            bpb_ax.plot(*zip(*points), marker="o", label=f"stage {stage} {key.split('/')[1]}")
+            colors.setdefault(group, f"C{len(colors)}")
+            bpb_ax.plot(*zip(*points), marker="o", color=colors[group], ls="-" if stage == 1 else "--",
+                        label=f"{group}, stage {stage}")
         offset += max(r["step"] for r in rows)
         loss_ax.axvline(offset, color="grey", lw=0.5)
     loss_ax.set(xlabel="step", ylabel="training loss (nats/token)", title="SmolLM2-135M + Vietnamese: loss")

@@ -3,6 +3,7 @@ bundled sample, shared by the training tests."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,4 +81,23 @@ def smollm2_vi(tmp_path_factory, smollm2_tokenizer) -> Path:
     assert extend(["--base-model", str(smollm2_tokenizer), "--corpus", str(VIWIKI), "--english", str(GUTENBERG),
                    "--num-new-tokens", "16000", "--lang", "vi", "--output-dir", str(out)]) == 0, \
         "extending SmolLM2's tokenizer failed"
+    return out
+
+
+def tied_copy(hf_dir: Path, out: Path, lm_head: str = "drop") -> Path:
+    """``hf_dir`` (an untied LLaMA) rewritten as a tied one: ``lm_head`` 'drop' leaves lm_head.weight
+    out, as HF saves tied models; 'different' keeps one that differs from the embedding (bad input)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    config = json.loads((hf_dir / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    weights = {}
+    for f in hf_dir.glob("*.safetensors"):
+        weights |= load_file(f)
+    if lm_head == "drop":
+        del weights["lm_head.weight"]
+    else:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     return out

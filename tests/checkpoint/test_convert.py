@@ -28,6 +28,7 @@ from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.resize import resizing_reader
 from megatron_adapt.training.step import forward_backward
+from tests.conftest import tied_copy
 from tests.multiprocess import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,17 +221,7 @@ def test_plain_conversion_is_exact_and_a_bare_tokenizer_model_exports(recipe, tm
 
 
 def test_tied_checkpoint_with_another_lm_head_is_refused(recipe, tmp_path):
-    from safetensors.torch import save_file
-
-    hf = tmp_path / "tied"
-    hf.mkdir()
-    config = json.loads((recipe / "base_llama" / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
-    weights = {}
-    for f in (recipe / "base_llama").glob("*.safetensors"):
-        weights |= load_file(f)
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1
-    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    hf = tied_copy(recipe / "base_llama", tmp_path / "tied", lm_head="different")
     with pytest.raises(ValueError, match=r"tied.*tie_word_embeddings=true but lm_head.weight differs"):
         hf_to_megatron(hf, recipe / "tokenizer", tmp_path / "out", base_tokenizer=recipe / "base_tokenizer")
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tied_copy
+
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node"]
 
@@ -68,6 +70,15 @@ def test_sigterm_then_resume_is_bit_identical(recipe, tmp_path):
 TP_CHANGE_TOLERANCE = 1e-5
 
 
+def _assert_continues(got: dict[int, float], expected: dict[int, float], saved: int, layout: str) -> None:
+    """The resumed run's losses after the saved step are the uninterrupted run's, within rounding."""
+    assert saved < 10 and len(got) == 10, f"saved at step {saved}, losses for steps {sorted(got)}"
+    for step in range(saved + 1, 11):
+        rel = abs(got[step] - expected[step]) / expected[step]
+        assert rel <= TP_CHANGE_TOLERANCE and math.isfinite(got[step]), \
+            f"step {step}: {layout} resume loss {got[step]:.6f} vs {expected[step]:.6f} ({rel:.2e}): optimizer state lost?"
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", ["all", "new_vocab_rows"])
 def test_resume_at_another_tensor_parallel_size(recipe, tmp_path, stage):
@@ -80,34 +91,14 @@ def test_resume_at_another_tensor_parallel_size(recipe, tmp_path, stage):
     _run(recipe, run, 2, freeze, stop_after_step=5)
     saved = int((run / "latest").read_text().strip().split("_")[1])
     _run(recipe, run, 1, freeze, "parallel.tp=1")
-    got = _losses(run)
-    assert saved < 10 and len(got) == 10, f"saved at step {saved}, losses for steps {sorted(got)}"
-    for step in range(saved + 1, 11):
-        rel = abs(got[step] - expected[step]) / expected[step]
-        assert rel <= TP_CHANGE_TOLERANCE and math.isfinite(got[step]), \
-            f"step {step}: TP=1 resume loss {got[step]:.6f} vs {expected[step]:.6f} ({rel:.2e}): optimizer state lost?"
-
-
-def _tied_copy(recipe: Path, out: Path) -> Path:
-    """The recipe's tiny LLaMA with its output layer tied to the embedding (lm_head dropped)."""
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir()
-    config = json.loads((recipe / "base_llama" / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
-    weights = {}
-    for f in (recipe / "base_llama").glob("*.safetensors"):
-        weights |= load_file(f)
-    del weights["lm_head.weight"]
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    _assert_continues(_losses(run), expected, saved, "TP=1")
 
 
 @pytest.mark.distributed
 def test_tied_stage1_resume_at_another_pipeline_size(recipe, tmp_path):
     """Tied embeddings at PP=2 keep a copy of the table (and of the added rows' optimizer state) on
     the last stage; saved there and resumed at PP=1, the run continues as the uninterrupted one."""
-    sets = [f"model.hf_dir={_tied_copy(recipe, tmp_path / 'tied')}", "train.freeze={train: new_vocab_rows}",
+    sets = [f"model.hf_dir={tied_copy(recipe / 'base_llama', tmp_path / 'tied')}", "train.freeze={train: new_vocab_rows}",
             "parallel.tp=1"]
     reference = tmp_path / "reference"
     _run(recipe, reference, 2, *sets, "parallel.pp=2")
@@ -117,9 +108,4 @@ def test_tied_stage1_resume_at_another_pipeline_size(recipe, tmp_path):
     _run(recipe, run, 2, *sets, "parallel.pp=2", stop_after_step=5)
     saved = int((run / "latest").read_text().strip().split("_")[1])
     _run(recipe, run, 1, *sets, "parallel.pp=1")
-    got = _losses(run)
-    assert saved < 10 and len(got) == 10, f"saved at step {saved}, losses for steps {sorted(got)}"
-    for step in range(saved + 1, 11):
-        rel = abs(got[step] - expected[step]) / expected[step]
-        assert rel <= TP_CHANGE_TOLERANCE and math.isfinite(got[step]), \
-            f"step {step}: PP=1 resume loss {got[step]:.6f} vs {expected[step]:.6f} ({rel:.2e}): tied state lost?"
+    _assert_continues(_losses(run), expected, saved, "PP=1")
