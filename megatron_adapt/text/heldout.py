@@ -30,9 +30,10 @@ def paragraphs(text: str) -> Iterator[tuple[int, str]]:
         if block.startswith("\n") and not block.strip():
             line += block.count("\n")
             continue
-        joined = " ".join(part.strip() for part in block.split("\n") if part.strip())
+        lines = block.split("\n")
+        joined = " ".join(part.strip() for part in lines if part.strip())
         if joined:
-            lead = len(block) - len(block.lstrip("\n"))
+            lead = next(i for i, part in enumerate(lines) if part.strip())  # blank lines before it
             yield line + lead, joined
         line += block.count("\n")
 
