@@ -65,7 +65,8 @@ def evaluate(model: Path, work: Path, name: str, docs: int) -> dict:
         tool("evaluate.py", "--model", str(model), "--data", f"vi={ROOT / 'configs/lm_eval/heldout_vi.jsonl'}",
              "--data", f"en={ROOT / 'configs/lm_eval/heldout_en.jsonl'}", "--max-docs", str(docs),
              "--output", str(out))
-    return json.loads(out.read_text())["models"][str(model)]
+    (scores,) = json.loads(out.read_text())["models"].values()
+    return scores
 
 
 def stage_config(work: Path, stage: int, args, init_from: Path) -> Path:
@@ -166,8 +167,8 @@ def main() -> None:
     parser.add_argument("--en-mb", type=float, default=4.0, help="English training text, MB")
     parser.add_argument("--stage1-blend", default="3:1", help="vi:en weights")
     parser.add_argument("--stage2-blend", default="5:2", help="vi:en weights")
-    parser.add_argument("--stage1-steps", type=int, default=200)
-    parser.add_argument("--stage2-steps", type=int, default=200)
+    parser.add_argument("--stage1-steps", type=int, default=40)
+    parser.add_argument("--stage2-steps", type=int, default=40)
     parser.add_argument("--stage1-lr", type=float, default=3e-3)
     parser.add_argument("--stage2-lr", type=float, default=3e-4)
     parser.add_argument("--seq", type=int, default=256)
