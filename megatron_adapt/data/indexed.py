@@ -14,6 +14,7 @@ sequence lengths in uint8: 1 where a token is a target the loss counts, 0 for pr
 
 from __future__ import annotations
 
+import array
 import shutil
 import struct
 from pathlib import Path
@@ -47,39 +48,50 @@ def read_index(idx_path: str | Path) -> tuple[type, np.ndarray, np.ndarray]:
 
 
 class IndexedWriter:
-    """Append documents to PREFIX.bin; ``finalize`` writes PREFIX.idx."""
+    """Append documents to PREFIX.bin; ``finalize`` writes PREFIX.idx.
+
+    Memory stays at what the index itself needs: each document's length (4 bytes) and end (8 bytes)
+    go into growable machine arrays, not one Python object per document (a 100M-document shard
+    would otherwise need tens of GB); sequence pointers are computed in chunks while writing the index.
+    """
+
+    _CHUNK = 1 << 20
 
     def __init__(self, bin_path: str | Path, dtype: type) -> None:
         self.dtype = dtype
         self.data = open(bin_path, "wb")
-        self.lengths: list[np.ndarray] = []
-        self.document_ends: list[np.ndarray] = []
-        self.n_sequences = 0
+        self.lengths = array.array("i")
+        self.document_ends = array.array("q")
 
     def add_document(self, ids: np.ndarray) -> None:
         self.data.write(np.asarray(ids, dtype=self.dtype).tobytes())
-        self.lengths.append(np.array([len(ids)], dtype=np.int32))
-        self.n_sequences += 1
-        self.document_ends.append(np.array([self.n_sequences], dtype=np.int64))
+        self.lengths.append(len(ids))
+        self.document_ends.append(len(self.lengths))
 
     def add_dataset(self, prefix: str | Path) -> None:
         """Append a whole dataset (merging shards)."""
         dtype, lengths, documents = read_index(f"{prefix}.idx")
         if dtype != self.dtype:
             raise ValueError(f"{prefix}.idx holds {np.dtype(dtype).name}, this dataset {np.dtype(self.dtype).name}")
-        self.lengths.append(lengths.copy())
-        self.document_ends.append(documents[1:] + self.n_sequences)
-        self.n_sequences += len(lengths)
+        offset = len(self.lengths)
+        self.lengths.frombytes(lengths.astype(np.int32).tobytes())
+        self.document_ends.frombytes((documents[1:] + offset).astype(np.int64).tobytes())
         with open(f"{prefix}.bin", "rb") as f:
             shutil.copyfileobj(f, self.data, length=16 << 20)
 
     def finalize(self, idx_path: str | Path) -> None:
         self.data.close()
-        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
-        documents = np.concatenate([np.zeros(1, np.int64), *self.document_ends])
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(self.dtype).itemsize, out=pointers[1:])
+        lengths = np.frombuffer(self.lengths, dtype=np.int32) if self.lengths else np.zeros(0, np.int32)
+        n, itemsize = len(lengths), np.dtype(self.dtype).itemsize
         with open(idx_path, "wb") as f:
             f.write(_HEADER + struct.pack("<Q", 1) + struct.pack("<B", _DTYPE_CODES[self.dtype]))
-            f.write(struct.pack("<QQ", len(lengths), len(documents)))
-            f.write(lengths.tobytes() + pointers.tobytes() + documents.tobytes())
+            f.write(struct.pack("<QQ", n, len(self.document_ends) + 1))
+            f.write(lengths.tobytes())
+            start = 0  # byte offset of the chunk's first sequence
+            for i in range(0, n, self._CHUNK):
+                sizes = lengths[i:i + self._CHUNK].astype(np.int64) * itemsize
+                pointers = np.cumsum(sizes) - sizes + start
+                f.write(pointers.tobytes())
+                start += int(sizes.sum())
+            f.write(np.zeros(1, np.int64).tobytes())
+            f.write(memoryview(self.document_ends).cast("B"))
