@@ -76,11 +76,10 @@ def bytes_per_token(entries: list[BlendEntry]) -> dict[str, float]:
     for e in entries:
         path = Path(f"{e.prefix}.stats.json")
         stats = json.loads(path.read_text()) if path.exists() else {}
-        if "text_bytes" not in stats:
+        if "text_bytes" in stats:
+            group = totals.setdefault(e.group, [0, 0])
+            group[0] += stats["text_bytes"]
+            group[1] += stats["tokens"]
+        else:
             missing.add(e.group)
-            continue
-        group = totals.setdefault(e.group, [0, 0])
-        group[0] += stats["text_bytes"]
-        group[1] += stats["tokens"]
     return {g: b / t for g, (b, t) in totals.items() if g not in missing and t}
-

@@ -18,7 +18,6 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from megatron_adapt import _native
-from megatron_adapt.tokenizer import byte_level_bpe
 from megatron_adapt.tokenizer.load import load_tokenizer, locate
 from megatron_adapt.tokenizer.sentencepiece_model import SPACE
 
@@ -82,10 +81,9 @@ class ByteLevelEncoder:
         if threads > 0:
             os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         text = load_tokenizer(tokenizer_file)
-        self.tokenizer = byte_level_bpe.load(text.path)[1]
-        self.vocab_size, self.eos_id = text.vocab_size, text.eos_id
-        if self.eos_id is None:
-            self.eos_id = -1
+        self.tokenizer = text.hf_tokenizer
+        self.vocab_size = text.vocab_size
+        self.eos_id = -1 if text.eos_id is None else text.eos_id  # as SentencePiece reports none
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return _flatten([e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)])

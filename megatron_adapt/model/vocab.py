@@ -219,7 +219,7 @@ def trainable_table_param(layer: torch.nn.Module) -> torch.Tensor:
     """The Parameter that trains in a vocabulary table: its added rows when split, else the weight."""
     if isinstance(layer, VocabRows) and layer.new_rows is not None:
         return layer.trainable_rows
-    return layer._parameters["weight"] if "weight" in layer._parameters else layer.weight
+    return layer._parameters["weight"]
 
 
 def trainable_row_shards(model: torch.nn.Module) -> dict[str, ShardedTensor]:

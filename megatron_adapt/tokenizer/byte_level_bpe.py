@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from tokenizers import Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from megatron_adapt.tokenizer.bpe_extend import mergeable
 from megatron_adapt.tokenizer.sentencepiece_model import SPACE
@@ -37,23 +38,9 @@ class NotByteLevelBPEError(ValueError):
 
 
 @functools.cache
-def byte_alphabet() -> tuple[str, ...]:
-    """The character standing for each byte value (GPT-2's reversible byte-to-unicode table):
-    printable Latin-1 bytes stand for themselves, the others are shifted past 255 in order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return tuple(table[b] for b in range(256))
-
-
-@functools.cache
 def _char_to_byte() -> dict[str, int]:
-    return {c: b for b, c in enumerate(byte_alphabet())}
+    """GPT-2's reversible byte-to-character table (transformers' own), inverted."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def piece_bytes(piece: str) -> bytes:

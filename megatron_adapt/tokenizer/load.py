@@ -37,7 +37,7 @@ def locate(path: str | Path) -> tuple[TokenizerKind, Path]:
 
 @dataclass
 class TextTokenizer:
-    """Encode text to ids without special tokens, and name ids, whichever the kind."""
+    """Vocabulary size, EOS and token names, whichever the kind."""
 
     kind: TokenizerKind
     path: Path
@@ -49,6 +49,11 @@ class TextTokenizer:
     @functools.cached_property
     def _hf(self):
         return byte_level_bpe.load(self.path)
+
+    @property
+    def hf_tokenizer(self):
+        """The ``tokenizers.Tokenizer`` of a byte-level BPE tokenizer.json."""
+        return self._hf[1]
 
     @property
     def vocab_size(self) -> int:
@@ -63,11 +68,6 @@ class TextTokenizer:
             eos = self._sp.eos_id()
             return eos if eos >= 0 else None
         return _hf_eos_id(self.path, self._hf[1])
-
-    def encode(self, texts: list[str], threads: int = 0) -> list[list[int]]:
-        if self.kind == "sentencepiece":
-            return self._sp.encode(texts, out_type=int, num_threads=threads)
-        return [e.ids for e in self._hf[1].encode_batch(texts, add_special_tokens=False)]
 
     def tokens(self, start: int = 0) -> list[str]:
         """Token strings of ids ``start`` … vocab_size − 1 ("" where an id is unused)."""
