@@ -3,6 +3,7 @@
     python tools/convert_checkpoint.py hf-to-megatron --hf-dir Llama-2-7b-hf --tokenizer-dir tokenizers/vi \
         --tp 2 --pp 2 --init subword-mean --output runs/vi-start
     python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/stage2 --output release/vi-llama --dtype bf16
+    python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/sft --output release/vi-chat --chat-template vbd
     python tools/convert_checkpoint.py gguf-to-hf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --output smollm2
 
 Streaming, one tensor in memory at a time; see ``megatron_adapt/checkpoint/convert.py``.
@@ -17,6 +18,7 @@ import torch
 
 from megatron_adapt.checkpoint.convert import DEFAULT_SHARD_BYTES, hf_to_megatron, megatron_to_hf
 from megatron_adapt.checkpoint.gguf import gguf_to_hf
+from megatron_adapt.data.chat import CHAT_TEMPLATES
 from megatron_adapt.model.resize import INIT_METHODS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     b.add_argument("--output", required=True)
     b.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES)
+    b.add_argument("--chat-template", choices=list(CHAT_TEMPLATES),
+                   help="the template the SFT data was rendered with, written into tokenizer_config.json")
     c = sub.add_parser("gguf-to-hf", help="a GGUF model (dequantized to fp32) as an HF directory")
     c.add_argument("--gguf", required=True)
     c.add_argument("--output", required=True)
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                  DTYPES.get(args.dtype), args.tp, args.pp, args.max_shard_bytes)
         else:
             out = megatron_to_hf(args.checkpoint, args.output, args.tokenizer_dir, DTYPES[args.dtype],
-                                 args.max_shard_bytes)
+                                 args.max_shard_bytes, args.chat_template)
     except (ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

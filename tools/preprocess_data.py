@@ -4,7 +4,8 @@
         --output-prefix data/vi --workers 16 --append-eod --normalize vi
     python tools/preprocess_data.py --parallel train.en train.vi --source-lang en --target-lang vi \
         --tokenizer-model tok/vi/tokenizer.model --output-prefix data/translation --append-eod
-    python tools/preprocess_data.py --instructions chat.jsonl --tokenizer-model ... --output-prefix data/chat
+    python tools/preprocess_data.py --instructions chat.jsonl --chat-template vbd --tokenizer-model ... \
+        --output-prefix data/chat
 
 One shard per input file under OUT.shards/ (a rerun skips complete shards); in a Slurm job array
 each task takes every N-th file (SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT) and the task that
@@ -18,6 +19,7 @@ import logging
 import os
 import sys
 
+from megatron_adapt.data.chat import TEMPLATE_NAMES
 from megatron_adapt.data.preprocess import PreprocessConfig, preprocess
 from megatron_adapt.text.corpus import BadInputError
 
@@ -27,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="text/JSONL files or globs (.gz/.xz/.bz2/.zst ok)")
     source.add_argument("--parallel", nargs=2, metavar=("SOURCE", "TARGET"), help="aligned sentence files")
-    source.add_argument("--instructions", nargs=1, help="JSONL of {messages: [...]} or {instruction, output}")
+    source.add_argument("--instructions", nargs=1, help="JSONL of conversations: {messages: [{role, content}...]}, "
+                        "ShareGPT {conversations: [{from, value}...]} or {instruction, input, output}")
     parser.add_argument("--tokenizer-model", required=True, help="tokenizer: a SentencePiece tokenizer.model, a byte-level BPE tokenizer.json, or a directory with one")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="encode threads")
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append-eod", action="store_true", help="end every document with </s>")
     parser.add_argument("--normalize", choices=["vi", "nfc", "none"], default=None)
     parser.add_argument("--strict", action="store_true", help="stop at the first bad line")
+    parser.add_argument("--chat-template", choices=TEMPLATE_NAMES, default="vbd",
+                        help="--instructions: vbd (VBD-Chat's USER:/ASSISTANT:), llama2 ([INST]) or tokenizer "
+                        "(the tokenizer's own Jinja chat_template); loss on assistant turns only")
     parser.add_argument("--source-lang", default="en")
     parser.add_argument("--target-lang", default="vi")
     parser.add_argument("--one-direction", action="store_true", help="parallel: source→target only")
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = preprocess(PreprocessConfig(
             inputs=inputs, tokenizer_model=args.tokenizer_model, output_prefix=args.output_prefix,
             workers=args.workers, kind=kind, text_key=args.text_key, append_eod=args.append_eod,
-            normalize=args.normalize, strict=args.strict, source_lang=args.source_lang,
+            normalize=args.normalize, strict=args.strict, chat_template=args.chat_template, source_lang=args.source_lang,
             target_lang=args.target_lang, both_directions=not args.one_direction,
             shard_index=args.shard_index, num_shards=args.num_shards, merge=not args.no_merge))
     except (BadInputError, ValueError, OSError) as err:

@@ -37,6 +37,7 @@ from megatron_adapt.checkpoint.streaming import plan_shards, write_shard
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.resize import RESIZED, InitMethod, resizing_reader
 from megatron_adapt.model.weights import CheckpointMismatchError, hf_shapes
+from megatron_adapt.data.chat import CHAT_TEMPLATES
 from megatron_adapt.tokenizer import byte_level_bpe
 from megatron_adapt.tokenizer.hf_files import write_hf_files
 from megatron_adapt.tokenizer.load import locate
@@ -118,10 +119,14 @@ def hf_to_megatron(hf_dir: str | Path, tokenizer_dir: str | Path, output: str | 
 
 
 def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: str | Path | None = None,
-                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                   chat_template: str | None = None) -> Path:
     """An HF model directory (weights, config, generation config, tokenizer files) from a run directory's
     latest checkpoint or an ``iter_N`` directory. The tokenizer defaults to the one the checkpoint
-    records. Joins a one-process torch.distributed group for a training checkpoint."""
+    records; ``chat_template`` (a name in ``data.chat.CHAT_TEMPLATES``) is written into its
+    tokenizer_config.json. Joins a one-process torch.distributed group for a training checkpoint."""
+    if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {chat_template!r}; expected one of {', '.join(CHAT_TEMPLATES)}")
     source = resolve(checkpoint)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else _recorded_tokenizer_dir(source)
     locate(tok_dir)  # refuse a directory without a tokenizer before writing anything
@@ -148,26 +153,36 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
     generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "do_sample": True,
                   "temperature": 0.7, "top_p": 0.9, "max_length": arch.max_position_embeddings}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    _copy_tokenizer(tok_dir, tmp)
+    export_tokenizer(tok_dir, tmp, chat_template)
     _replace_dir(tmp, out)
     return out
 
 
-def _copy_tokenizer(tok_dir: Path, out: Path) -> None:
+def export_tokenizer(tok_dir: Path, out: Path, chat_template: str | None = None) -> None:
     """The tokenizer files beside the weights; a directory with only ``tokenizer.model`` (a base
-    tokenizer, say) gets its HF files written from it."""
+    tokenizer, say) gets its HF files written from it. A named chat template goes into
+    tokenizer_config.json, where ``apply_chat_template`` finds it (a copied standalone
+    chat_template file, which transformers would prefer, is left out)."""
+    tok_dir, out = Path(tok_dir), Path(out)
     kind, file = locate(tok_dir)
     if kind == "byte_level_bpe":
         for name in ("tokenizer.json", *byte_level_bpe.COMPANION_FILES):
             if (tok_dir / name).is_file():
                 shutil.copy(tok_dir / name, out / name)
-        return
-    shutil.copy(file, out / "tokenizer.model")
-    if all((tok_dir / name).exists() for name in HF_TOKENIZER_FILES):
-        for name in HF_TOKENIZER_FILES:
-            shutil.copy(tok_dir / name, out / name)
     else:
-        write_hf_files(load_model_proto(tok_dir / "tokenizer.model"), out)
+        shutil.copy(file, out / "tokenizer.model")
+        if all((tok_dir / name).exists() for name in HF_TOKENIZER_FILES):
+            for name in HF_TOKENIZER_FILES:
+                shutil.copy(tok_dir / name, out / name)
+        else:
+            write_hf_files(load_model_proto(tok_dir / "tokenizer.model"), out)
+    if chat_template is not None:
+        for name in ("chat_template.jinja", "chat_template.json"):
+            (out / name).unlink(missing_ok=True)
+        config_file = out / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config["chat_template"] = CHAT_TEMPLATES[chat_template]
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def _recorded_tokenizer_dir(checkpoint: Path) -> Path:

@@ -10,8 +10,10 @@ rerun skips it and a killed run never leaves a shard that looks finished. When e
 complete they are concatenated in input order into ``OUT.bin/.idx`` (deterministic: a resumed run
 gives the same bytes as an uninterrupted one).
 
-Templated inputs (parallel sentences, instruction records) also get ``OUT_targetmask.bin/.idx``:
+Templated inputs (parallel sentences, conversations) also get ``OUT_targetmask.bin/.idx``:
 a uint8 indexed dataset with the same sequence lengths, 1 on target tokens and 0 on prompt tokens.
+Conversations are rendered with a chat template and encoded whole by the transformers tokenizer
+the export carries (``chat.py``), so a chat model's training ids are its inference ids.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ import numpy as np
 
 from megatron_adapt.data.fast_encode import ByteLevelEncoder, FastEncoder, make_encoder
 from megatron_adapt.data.indexed import MASK_SUFFIX, IndexedWriter, optimal_dtype, read_index
-from megatron_adapt.data.templates import Segments, instruction, iter_parallel
+from megatron_adapt.data.chat import TEMPLATE_NAMES, ChatEncoder, conversation, load_chat_tokenizer, render
+from megatron_adapt.data.templates import Segments, iter_parallel
 from megatron_adapt.text.corpus import BadLine, iter_documents, iter_records
 from megatron_adapt.text.normalize import get_normalizer
 
 log = logging.getLogger(__name__)
 InputKind = Literal["text", "parallel", "instructions"]
+Encoder = FastEncoder | ByteLevelEncoder | ChatEncoder
 
 
 @dataclass
@@ -50,6 +54,8 @@ class PreprocessConfig:
     """Encode threads (SentencePiece's, or the tokenizers library's pool for a tokenizer.json)."""
     kind: InputKind = "text"
     """text (documents), parallel (aligned sentence files) or instructions (chat/instruction JSONL)."""
+    chat_template: str = "vbd"
+    """instructions: vbd, llama2, or tokenizer (the tokenizer's own Jinja chat_template)."""
     text_key: str = "text"
     append_eod: bool = False
     normalize: str | None = None
@@ -73,6 +79,11 @@ class PreprocessConfig:
         if not Path(self.tokenizer_model).exists():
             raise FileNotFoundError(f"{self.tokenizer_model}: no such tokenizer model or directory")
         get_normalizer(self.normalize)  # validates the name
+        if self.chat_template not in TEMPLATE_NAMES:
+            raise ValueError(f"unknown chat template {self.chat_template!r}; expected one of {', '.join(TEMPLATE_NAMES)}")
+        if self.kind == "instructions" and self.append_eod:
+            raise ValueError("--append-eod does not apply to conversations: the chat template ends each "
+                             "assistant turn (with EOS for vbd and llama2), as the exported template will")
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[Path]:
@@ -122,23 +133,24 @@ class _Progress:
 
 
 def _documents(path: Path, config: PreprocessConfig, bad: Callable[[BadLine], None],
-               on_position: Callable[[int], None]) -> Iterator[Segments]:
+               on_position: Callable[[int], None], encoder: Encoder) -> Iterator[Segments]:
     """The file's documents as segments (plain text is one target segment)."""
     normalize = get_normalizer(config.normalize) or (lambda s: s)
     if config.kind == "text":
         for _, text in iter_documents(path, config.text_key, bad, config.strict, on_position):
             yield [(normalize(text), True)]
     elif config.kind == "instructions":
+        assert isinstance(encoder, ChatEncoder)
         for lineno, record in iter_records(path, bad, config.strict, on_position):
-            where = BadLine(str(path), lineno, "")
             try:
-                segments = instruction(record, where)
+                messages = [{**m, "content": normalize(m["content"])} for m in conversation(record)]
+                segments = render(encoder.tokenizer, messages)
             except ValueError as err:
                 if config.strict:
-                    raise
-                bad(BadLine(str(path), lineno, str(err).split(": ", 1)[-1]))
+                    raise ValueError(f"{path}:{lineno}: {err}") from None
+                bad(BadLine(str(path), lineno, str(err)))
                 continue
-            yield [(normalize(t), target) for t, target in segments]
+            yield segments
     else:
         raise ValueError(config.kind)
 
@@ -175,7 +187,7 @@ def _in_thread(items: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
-def _write_shard(segment_batches: Iterator[list[Segments]], encoder: FastEncoder | ByteLevelEncoder,
+def _write_shard(segment_batches: Iterator[list[Segments]], encoder: Encoder,
                  prefix: Path, config: PreprocessConfig, progress: _Progress) -> dict:
     """Encode and write one shard under temporary names; returns its counts."""
     dtype = optimal_dtype(encoder.vocab_size)
@@ -213,7 +225,10 @@ def _write_shard(segment_batches: Iterator[list[Segments]], encoder: FastEncoder
 
     def encoded() -> Iterator[tuple[list[Segments], np.ndarray, np.ndarray]]:
         for batch in segment_batches:
-            yield (batch, *encoder.encode([text for doc in batch for text, _ in doc]))
+            if isinstance(encoder, ChatEncoder):
+                yield (batch, *encoder.encode_documents(batch))
+            else:
+                yield (batch, *encoder.encode([text for doc in batch for text, _ in doc]))
 
     try:
         # Encoding (GIL released) runs one batch ahead of writing.
@@ -236,7 +251,7 @@ def remove_temporaries(prefix: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def process_shard(inputs: list[Path], prefix: Path, encoder: FastEncoder | ByteLevelEncoder,
+def process_shard(inputs: list[Path], prefix: Path, encoder: Encoder,
                   config: PreprocessConfig) -> dict:
     """Tokenize ``inputs`` into the shard ``prefix``; its stats file is written last."""
     remove_temporaries(prefix)
@@ -251,7 +266,7 @@ def process_shard(inputs: list[Path], prefix: Path, encoder: FastEncoder | ByteL
         def set_position(pos: int) -> None:
             progress.position = pos
 
-        docs = _documents(inputs[0], config, bad_lines.append, set_position)
+        docs = _documents(inputs[0], config, bad_lines.append, set_position, encoder)
     counts = _write_shard(_in_thread(_batches(docs, config.batch_bytes)), encoder, prefix, config, progress)
     progress.close()
     seconds = time.time() - start
@@ -306,7 +321,10 @@ def preprocess(config: PreprocessConfig) -> dict | None:
     None when other tasks' shards are still missing)."""
     plan = shard_plan(config)
     Path(f"{config.output_prefix}.shards").mkdir(parents=True, exist_ok=True)
-    encoder = make_encoder(config.tokenizer_model, config.workers)
+    if config.kind == "instructions":
+        encoder: Encoder = ChatEncoder(load_chat_tokenizer(config.tokenizer_model, config.chat_template))
+    else:
+        encoder = make_encoder(config.tokenizer_model, config.workers)
     if config.append_eod and encoder.eos_id < 0:
         raise ValueError(f"{config.tokenizer_model}: the tokenizer has no end-of-text token for --append-eod "
                          "(set eos_token in its tokenizer_config.json)")

@@ -1,4 +1,4 @@
-"""Render parallel sentences and instruction records into documents of prompt and target text.
+"""Render parallel sentences into documents of prompt and target text (conversations: ``chat.py``).
 
 A rendered document is a list of (text, is_target) segments. Preprocessing encodes each segment
 separately (so the boundary between prompt and target is exact in tokens), concatenates the ids,
@@ -8,9 +8,9 @@ and stores a 0/1 target mask beside the tokens; training puts loss on target tok
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-from megatron_adapt.text.corpus import BadInputError, BadLine, open_binary
+from megatron_adapt.text.corpus import BadInputError, open_binary
 
 Segments = list[tuple[str, bool]]
 
@@ -46,28 +46,3 @@ def iter_parallel(source_path: str | Path, target_path: str | Path, source_lang:
         yield lineno, translation(src, tgt, source_lang, target_lang)
         if both_directions:
             yield lineno, translation(tgt, src, target_lang, source_lang)
-
-
-def instruction(record: dict[str, Any], where: BadLine) -> Segments:
-    """A chat record {"messages": [{"role", "content"}...]} or {"instruction", "input"?, "output"}.
-
-    Assistant turns are targets; everything else is prompt.
-    """
-    if "messages" in record:
-        segments: Segments = []
-        for turn in record["messages"]:
-            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-                raise BadInputError(f"{where}: every message needs a string 'content'")
-            role = turn.get("role", "user")
-            if role == "assistant":
-                segments.append(("### Assistant:\n", False))
-                segments.append((turn["content"] + "\n", True))
-            else:
-                segments.append((f"### {role.capitalize()}:\n{turn['content']}\n", False))
-        return segments
-    if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
-        prompt = f"### Instruction:\n{record['instruction']}\n"
-        if record.get("input"):
-            prompt += f"### Input:\n{record['input']}\n"
-        return [(prompt + "### Response:\n", False), (record["output"], True)]
-    raise BadInputError(f"{where}: expected 'messages' or 'instruction' and 'output' fields")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -13,6 +14,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.fused_vocab import fused_loss
@@ -34,15 +36,23 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(use_transformer_engine: bool | None = None):
-    """TE's fused layers when importable, megatron-core's local (torch) layers otherwise."""
+def layer_spec(use_transformer_engine: bool | None = None, per_document_attention: bool = False):
+    """TE's fused layers when importable, megatron-core's local (torch) layers otherwise.
+
+    With ``per_document_attention`` self-attention takes the mask it is given (``arbitrary``);
+    a causal layer may ignore it (TE's and the fused softmax's causal kernels do)."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         log.info("layer spec: TransformerEngine")
-        return get_gpt_layer_with_transformer_engine_spec()
-    log.info("layer spec: megatron-core local (TransformerEngine not available)")
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        log.info("layer spec: megatron-core local (TransformerEngine not available)")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if per_document_attention:
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    return spec
 
 
 def unwrap(model: torch.nn.Module) -> "LlamaGPTModel":
@@ -123,10 +133,13 @@ class LlamaGPTModel(GPTModel):
 
 def build_llama(arch: LlamaArchitecture, params_dtype: torch.dtype = torch.float32,
                 seq_length: int | None = None, use_transformer_engine: bool | None = None,
-                vocab: VocabLayout = VocabLayout(), **config_overrides) -> LlamaGPTModel:
-    """The GPTModel piece this rank owns (its pipeline stage, its tensor-parallel shard)."""
+                vocab: VocabLayout = VocabLayout(), per_document_attention: bool = False,
+                **config_overrides) -> LlamaGPTModel:
+    """The GPTModel piece this rank owns (its pipeline stage, its tensor-parallel shard); with
+    ``per_document_attention`` its forward takes a [b, 1, s, s] mask (True: may not attend)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = arch.transformer_config(tp, pp, params_dtype, **config_overrides)
     seq_length = seq_length or arch.max_position_embeddings
-    return LlamaGPTModel(arch, config, layer_spec(use_transformer_engine), seq_length, vocab)
+    spec = layer_spec(use_transformer_engine, per_document_attention)
+    return LlamaGPTModel(arch, config, spec, seq_length, vocab)

@@ -49,6 +49,10 @@ class DataConfig:
     cache_dir: str = ""
     """Where megatron-core keeps its sample-index caches (default: <save>/data_cache)."""
     seed: int = 1234
+    per_document_attention: bool = False
+    """Tokens attend only within their own document of a packed sample (SFT: one conversation never
+    sees another); boundaries from the dataset index. Off: plain causal attention across documents,
+    as in pretraining."""
 
 
 @dataclasses.dataclass

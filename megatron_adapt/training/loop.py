@@ -116,7 +116,8 @@ def _build_model(config: Config, plan: RunPlan) -> DistributedDataParallel:
     if config.model.fused_vocab and not fused:
         log.info("fused vocabulary kernels not used: they take CUDA tensors or float32 CPU tensors")
     model = build_llama(plan.arch, params_dtype=plan.params_dtype, seq_length=config.data.seq_length,
-                        vocab=plan.vocab_layout(config, fused))
+                        vocab=plan.vocab_layout(config, fused),
+                        per_document_attention=config.data.per_document_attention)
     if plan.source is None:
         _load_hf_start(model, config, plan)
     elif not plan.resuming:
@@ -142,7 +143,7 @@ def _datasets(config: Config, plan: RunPlan, run_dir: Path):
     return build_datasets(plan.blend, config.data.seq_length, config.data.seed, config.data.split, samples,
                           config.train.eval_steps * config.train.global_batch_size * eval_rounds,
                           DatasetTokenizer(plan.arch.vocab_size, plan.eod_id),
-                          config.data.cache_dir or str(run_dir / "data_cache"))
+                          config.data.cache_dir or str(run_dir / "data_cache"), config.data.per_document_attention)
 
 
 def _holds_loss() -> bool:

@@ -1,7 +1,8 @@
 """One forward-backward pass over micro-batches through megatron-core's pipeline schedule.
 
 A batch is a dict with ``tokens`` and ``labels`` ([b, s] int64) and optionally ``loss_mask``
-([b, s], 1 where a token counts: targets of a translation prompt, say). Every pipeline stage
+([b, s], 1 where a token counts: targets of a translation prompt, say) and ``segment_ids``
+([b, s], the packed document of each token: attention stays within it). Every pipeline stage
 calls the same function; only the last stage computes a loss.
 """
 
@@ -29,6 +30,17 @@ def _loss_func(model, batch: dict[str, torch.Tensor], on_logits: Callable | None
     return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
+def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s], True where a query may not attend to a key: a later token or another document.
+
+    Positions are not reset per document: RoPE scores depend only on the distance between query
+    and key, so within one document the offset of its start changes nothing."""
+    s = segment_ids.shape[1]
+    later = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).triu(1)
+    other = segment_ids[:, :, None] != segment_ids[:, None, :]
+    return (other | later).unsqueeze(1)
+
+
 def _forward_step(on_logits: Callable | None, data_iterator: Iterable, model):
     # Every stage draws the batch so that iterators stay aligned; only the first stage reads
     # tokens and only the last reads labels.
@@ -36,7 +48,8 @@ def _forward_step(on_logits: Callable | None, data_iterator: Iterable, model):
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
     tokens = batch["tokens"]
     positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, positions, attention_mask=None)
+    mask = document_causal_mask(batch["segment_ids"]) if "segment_ids" in batch else None
+    output = model(tokens, positions, attention_mask=mask)
     return output, functools.partial(_loss_func, model, batch, on_logits)
 
 

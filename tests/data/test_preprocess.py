@@ -167,23 +167,6 @@ def test_parallel_corpus_masks_prompt_tokens(tmp_path):
         assert t[n_prompt:].tolist() == sp.encode(target) + [sp.eos_id()], f"doc {k}: target tokens differ"
 
 
-def test_instruction_records(tmp_path):
-    require(LLAMA2_TOKENIZER)
-    records = [{"messages": [{"role": "user", "content": "Dịch: hello"}, {"role": "assistant", "content": "xin chào"}]},
-               {"instruction": "Translate", "input": "cat", "output": "con mèo"}, {"bogus": 1}]
-    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
-    out = tmp_path / "chat"
-    assert main(["--instructions", str(tmp_path / "chat.jsonl"), "--tokenizer-model", str(LLAMA2_TOKENIZER),
-                 "--output-prefix", str(out)]) == 0
-    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
-    tokens, masks = _read(out), _read(f"{out}{MASK_SUFFIX}")
-    assert len(tokens) == 2
-    assert tokens[0][masks[0] == 1].tolist() == sp.encode("xin chào\n")
-    assert tokens[1][masks[1] == 1].tolist() == sp.encode("con mèo")
-    stats = json.loads(Path(f"{out}.stats.json").read_text())
-    assert stats["bad_lines"] == 1 and "chat.jsonl:3" in stats["bad_line_examples"][0]
-
-
 def test_blend_weights_follow_groups_and_tokens(tmp_path, viwiki_docs):
     from megatron_adapt.data.blend import load_blend
     from tools.make_blend import main as make_blend_main

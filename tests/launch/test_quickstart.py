@@ -17,10 +17,10 @@ def test_quickstart_runs_the_whole_recipe():
     proc = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=dict(os.environ), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"quickstart failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    for step in range(1, 9):
-        assert f"== {step}/8" in proc.stdout, f"step {step} did not run"
+    for step in range(1, 11):
+        assert f"== {step}/10" in proc.stdout, f"step {step} did not run"
     run = ROOT / "runs" / "quickstart"
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2", "sft"):
         losses = [json.loads(l)["loss"] for l in (run / stage / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
         assert losses[-1] < losses[0], f"{stage}: training loss did not decrease ({losses})"
     assert (run / "stage2" / "done").exists()
@@ -33,6 +33,23 @@ def test_quickstart_runs_the_whole_recipe():
     model = AutoModelForCausalLM.from_pretrained(run / "hf_release")
     assert model.config.vocab_size == len(tokenizer) == 2000 + report["added"]
     assert "> Việt Nam là" in proc.stdout
+    _check_chat_export(run)
+    assert "> Translate into English: Cảm ơn bạn." in proc.stdout, "generate.py --chat did not answer"
+
+
+def _check_chat_export(run: Path) -> None:
+    """The chat export's apply_chat_template gives the ids SFT trained on (first conversation)."""
+    import lzma
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    first = json.loads(lzma.open(ROOT / "data" / "sample" / "chat_vi.jsonl.xz", "rt").readline())
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf_chat")
+    ids = tokenizer.apply_chat_template(first["messages"], tokenize=True, return_dict=True)["input_ids"]
+    dataset = IndexedDataset(str(run / "data" / "chat"))
+    trained = dataset[0].tolist()  # read while the dataset (its mmap) is alive
+    assert ids == trained, "the chat export's template does not reproduce the SFT training ids"
 
 
 def _check_validation_bits_per_byte(run: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,13 +136,12 @@ def test_tokenizer_that_does_not_match_the_checkpoint(recipe, tmp_path):
         plan_run(config)
 
 
-@pytest.mark.parametrize("name", ["stage1_7b", "stage2_7b", "tiny_cpu_stage1", "tiny_cpu_stage2"])
-def test_shipped_configs_parse(name):
-    from pathlib import Path
-
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_configs_parse(path):
     from megatron_adapt.training.config import Config, _build
 
-    config = _build(Config, yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml").read_text()))
+    config = _build(Config, yaml.safe_load(path.read_text()))
     assert config.train.global_batch_size % config.train.micro_batch_size == 0
 
 
