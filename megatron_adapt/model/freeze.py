@@ -3,7 +3,9 @@
 Stage 1 trains only the rows of added tokens. That split is a property of the vocabulary layers,
 declared when the model is built (``FreezePolicy.vocab_layout`` → ``model.vocab.VocabLayout``);
 this module then switches ``requires_grad`` off for everything else, and for any parameter a
-pattern names.
+pattern names. Input (embedding) and output rows can be named apart, for staged schedules such as
+EEVE's (new input rows → new input and output rows → whole vocabulary → everything), each stage a
+config starting from the previous stage's checkpoint.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from typing import Literal, get_args
 
 import torch
 
-from megatron_adapt.model.vocab import VocabLayout
+from megatron_adapt.model.vocab import VocabLayout, trainable_table_param
 
 log = logging.getLogger(__name__)
 
-TrainWhat = Literal["all", "new_vocab_rows"]
+TrainWhat = Literal["all", "new_vocab_rows", "new_input_rows", "new_output_rows", "vocab"]
+VOCAB_PARTS: dict[str, tuple[str, ...]] = {
+    "new_vocab_rows": ("input", "output"), "new_input_rows": ("input",), "new_output_rows": ("output",),
+    "vocab": ("input", "output")}
+"""Which vocabulary tables train under each policy other than 'all' (nothing else does)."""
 
 
 @dataclasses.dataclass
@@ -27,29 +33,43 @@ class FreezePolicy:
     """What a training stage updates."""
 
     train: TrainWhat = "all"
-    """'all' (stage 2) or 'new_vocab_rows' (stage 1: only the rows of added tokens)."""
+    """'all' (stage 2); 'new_vocab_rows' (stage 1: only the rows of added tokens, in the embedding
+    and the output layer); 'new_input_rows' or 'new_output_rows' (the added rows of one of the two);
+    'vocab' (both whole tables, the transformer frozen)."""
     freeze: list[str] = dataclasses.field(default_factory=list)
     """fnmatch patterns of parameter names to freeze as well, e.g. 'decoder.layers.0.*'."""
 
     def __post_init__(self) -> None:
         if self.train not in get_args(TrainWhat):
-            raise ValueError(f"freeze policy train={self.train!r}: expected 'all' or 'new_vocab_rows'")
+            raise ValueError(f"freeze policy train={self.train!r}: expected one of {', '.join(get_args(TrainWhat))}")
+
+    @property
+    def new_rows_only(self) -> bool:
+        return self.train.startswith("new_")
 
     def vocab_layout(self, base_vocab_size: int, fused: bool = False) -> VocabLayout:
-        """The vocabulary layers this policy needs (rows from ``base_vocab_size`` on train in stage 1)."""
-        first = base_vocab_size if self.train == "new_vocab_rows" else None
-        return VocabLayout(first_trainable=first, fused=fused)
+        """The vocabulary layers this policy needs (rows from ``base_vocab_size`` on train alone)."""
+        return VocabLayout(first_trainable=base_vocab_size if self.new_rows_only else None, fused=fused)
 
 
 def apply_freeze_policy(model: torch.nn.Module, policy: FreezePolicy) -> int:
     """Set what trains; returns this rank's trainable parameter count."""
-    if policy.train == "new_vocab_rows":
+    if policy.train != "all":
         layout = getattr(model, "vocab_layout", None)
-        if layout is None or layout.first_trainable is None:
-            raise ValueError("train=new_vocab_rows needs a model built with the vocabulary rows split "
+        if policy.new_rows_only and (layout is None or layout.first_trainable is None):
+            raise ValueError(f"train={policy.train} needs a model built with the vocabulary rows split "
                              "(build_llama(..., vocab=policy.vocab_layout(base_vocab_size)))")
-        for name, param in model.named_parameters():
-            param.requires_grad = name.endswith(".trainable_rows")
+        parts = VOCAB_PARTS[policy.train]
+        if getattr(model, "share_embeddings_and_output_weights", False) and len(parts) == 1:
+            raise ValueError(f"train={policy.train}: the model ties its embedding and output layer, so input "
+                             "and output rows are one table; use new_vocab_rows")
+        for param in model.parameters():
+            param.requires_grad = False
+        tables = {"input": model.embedding.word_embeddings if model.pre_process else None,
+                  "output": model.output_layer if model.post_process else None}
+        for part in parts:
+            if tables[part] is not None and (param := trainable_table_param(tables[part])) is not None:
+                param.requires_grad = True
     for name, param in model.named_parameters():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in policy.freeze):
             param.requires_grad = False

@@ -215,11 +215,11 @@ def vocab_layers(model: torch.nn.Module) -> list[VocabRows]:
     return layers
 
 
-def trainable_table_param(layer: torch.nn.Module) -> torch.Tensor:
+def trainable_table_param(layer: torch.nn.Module) -> torch.Tensor | None:
     """The Parameter that trains in a vocabulary table: its added rows when split, else the weight."""
     if isinstance(layer, VocabRows) and layer.new_rows is not None:
         return layer.trainable_rows
-    return layer._parameters["weight"]
+    return layer._parameters.get("weight")  # None: a tied output layer on the embedding's stage
 
 
 def trainable_row_shards(model: torch.nn.Module) -> dict[str, ShardedTensor]:

@@ -7,6 +7,7 @@ before any model is built, naming the key, so a typo never costs a queue wait an
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,11 @@ class OptimConfig:
     clip_grad: float = 1.0
     bf16: bool = True
     """bf16 weights with fp32 master copies (GPU); fp32 everywhere when false (CPU)."""
+    vocab_lr: float | None = None
+    """Peak LR of the embedding and output layers (Megatron-LM's --decoupled-lr; NVIDIA's language
+    adaptation study found a higher one helps the new language); None: optim.lr."""
+    vocab_min_lr: float | None = None
+    """Final LR of the embedding and output layers; None: optim.min_lr."""
 
 
 @dataclasses.dataclass
@@ -128,6 +134,12 @@ class Config:
             raise ConfigError("data.blend: a blend file is required")
         if not 0 <= self.optim.warmup_steps < self.train.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be below train.steps={self.train.steps}")
+        o = self.optim
+        if o.vocab_min_lr is not None and o.vocab_lr is None:
+            raise ConfigError("optim.vocab_min_lr needs optim.vocab_lr")
+        if o.vocab_lr is not None and not 0 <= (o.vocab_min_lr if o.vocab_min_lr is not None else o.min_lr) <= o.vocab_lr:
+            raise ConfigError(f"optim.vocab_lr={o.vocab_lr} must be at least the vocabulary's min LR "
+                              f"({o.vocab_min_lr if o.vocab_min_lr is not None else o.min_lr})")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
 
@@ -143,6 +155,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             choices = ", ".join(str(c) for c in typing.get_args(kind))
             raise ConfigError(f"{key}: {value!r} is not one of {choices}")
         return value
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        if value is None:
+            return None
+        (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+        return _coerce(value, kind, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -29,14 +29,18 @@ def optimizer_kind_for_this_machine() -> OptimizerKind:
 
 
 def build_optimizer(config: Config, model, params_dtype: torch.dtype, distributed: bool):
-    """megatron-core's Adam over the model's trainable parameters (``model`` in its DDP wrapper)."""
+    """megatron-core's Adam over the model's trainable parameters (``model`` in its DDP wrapper).
+
+    ``optim.vocab_lr`` is megatron-core's decoupled LR: a parameter group of the parameters marked
+    ``is_embedding_or_output_parameter`` (the vocabulary layers, their trainable rows included)
+    with its own max/min LR, which the scheduler follows."""
     log.info("optimizer: %s", "distributed, state sharded over DP" if distributed else
              "state replicated over DP (the distributed optimizer needs CUDA and TransformerEngine or apex)")
     o = config.optim
     return get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, bf16=o.bf16, params_dtype=params_dtype,
-        use_distributed_optimizer=distributed), [model])
+        use_distributed_optimizer=distributed, decoupled_lr=o.vocab_lr, decoupled_min_lr=o.vocab_min_lr), [model])
 
 
 def build_scheduler(config: Config, optimizer) -> OptimizerParamScheduler:

@@ -77,7 +77,7 @@ def _base_tokenizer(config: Config) -> str:
 def _base_vocab(config: Config, arch: LlamaArchitecture, base_tokenizer: str, source: Path | None) -> int:
     if Path(base_tokenizer).exists():
         return _tokenizer(base_tokenizer, "model.base_tokenizer").vocab_size
-    if source is not None and config.train.freeze.train == "new_vocab_rows":
+    if source is not None and config.train.freeze.new_rows_only:
         raise ConfigError(f"model.base_tokenizer: {base_tokenizer} does not exist; it tells which rows are new")
     return arch.vocab_size  # the checkpoint's own rows are the base vocabulary
 

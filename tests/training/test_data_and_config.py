@@ -213,3 +213,15 @@ def test_plan_for_a_tied_byte_level_bpe_model(recipe, smollm2_hf, smollm2_vi, tm
     from tokenizers import Tokenizer
     assert plan.eod_id == Tokenizer.from_file(str(smollm2_vi / "tokenizer.json")).token_to_id(eos)
     assert plan.vocab_layout(config, fused=False).first_trainable == 49152
+
+
+def test_vocab_lr_keys(recipe):
+    config = load_config(recipe / "config.yaml", ["optim.vocab_lr=3e-3", "optim.vocab_min_lr=3e-4"])
+    assert (config.optim.vocab_lr, config.optim.vocab_min_lr) == (3e-3, 3e-4)
+    assert load_config(recipe / "config.yaml", ["optim.vocab_lr=null"]).optim.vocab_lr is None
+    with pytest.raises(ConfigError, match="optim.vocab_min_lr needs optim.vocab_lr"):
+        load_config(recipe / "config.yaml", ["optim.vocab_min_lr=1e-4"])
+    with pytest.raises(ConfigError, match="optim.vocab_lr: expected float, got 'fast'"):
+        load_config(recipe / "config.yaml", ["optim.vocab_lr=fast"])
+    with pytest.raises(ConfigError, match="optim.vocab_lr=1e-05 must be at least"):
+        load_config(recipe / "config.yaml", ["optim.vocab_lr=1e-5", "optim.vocab_min_lr=1e-4"])
