@@ -43,7 +43,7 @@ setup(
         "psutil",  # megatron-core distributed checkpointing imports it
     ],
     extras_require={
-        "test": ["pytest>=8", "lm_eval>=0.4.5"],
+        "test": ["pytest>=8", "lm_eval>=0.4.5", "peft>=0.17"],
         # Evaluation extras: lm-evaluation-harness and the benchmark plots.
         "eval": ["lm_eval>=0.4.5", "matplotlib"],
         # On GPU clusters. apex is built from source (see README, "GPU clusters").

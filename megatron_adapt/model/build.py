@@ -18,6 +18,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.fused_vocab import fused_loss
+from megatron_adapt.model.lora import LoraConfig, add_lora
 from megatron_adapt.model.loss import masked_sum, token_losses
 from megatron_adapt.model.vocab import VocabLayout, adopt_vocab_layer, trainable_table_param, vocab_layers
 
@@ -134,12 +135,23 @@ class LlamaGPTModel(GPTModel):
 def build_llama(arch: LlamaArchitecture, params_dtype: torch.dtype = torch.float32,
                 seq_length: int | None = None, use_transformer_engine: bool | None = None,
                 vocab: VocabLayout = VocabLayout(), per_document_attention: bool = False,
-                **config_overrides) -> LlamaGPTModel:
+                lora: LoraConfig | None = None, **config_overrides) -> LlamaGPTModel:
     """The GPTModel piece this rank owns (its pipeline stage, its tensor-parallel shard); with
-    ``per_document_attention`` its forward takes a [b, 1, s, s] mask (True: may not attend)."""
+    ``per_document_attention`` its forward takes a [b, 1, s, s] mask (True: may not attend); with
+    ``lora`` its linear layers carry adapters (on megatron-core's local spec: TE's fused
+    layernorm-linear does not show the adapter its normalized input)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = arch.transformer_config(tp, pp, params_dtype, **config_overrides)
     seq_length = seq_length or arch.max_position_embeddings
+    if lora is not None and lora.enabled:
+        if use_transformer_engine:
+            raise ValueError("train.lora: adapters need megatron-core's local layer spec, not TransformerEngine's")
+        if use_transformer_engine is None and transformer_engine_available():
+            log.info("LoRA: megatron-core local layer spec (TransformerEngine's fused layers take no adapters)")
+        use_transformer_engine = False
     spec = layer_spec(use_transformer_engine, per_document_attention)
-    return LlamaGPTModel(arch, config, spec, seq_length, vocab)
+    model = LlamaGPTModel(arch, config, spec, seq_length, vocab)
+    if lora is not None and lora.enabled:
+        add_lora(model, lora)
+    return model

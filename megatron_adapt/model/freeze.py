@@ -21,10 +21,10 @@ from megatron_adapt.model.vocab import VocabLayout, trainable_table_param
 
 log = logging.getLogger(__name__)
 
-TrainWhat = Literal["all", "new_vocab_rows", "new_input_rows", "new_output_rows", "vocab"]
+TrainWhat = Literal["all", "new_vocab_rows", "new_input_rows", "new_output_rows", "vocab", "none"]
 VOCAB_PARTS: dict[str, tuple[str, ...]] = {
     "new_vocab_rows": ("input", "output"), "new_input_rows": ("input",), "new_output_rows": ("output",),
-    "vocab": ("input", "output")}
+    "vocab": ("input", "output"), "none": ()}
 """Which vocabulary tables train under each policy other than 'all' (nothing else does)."""
 
 
@@ -35,7 +35,8 @@ class FreezePolicy:
     train: TrainWhat = "all"
     """'all' (stage 2); 'new_vocab_rows' (stage 1: only the rows of added tokens, in the embedding
     and the output layer); 'new_input_rows' or 'new_output_rows' (the added rows of one of the two);
-    'vocab' (both whole tables, the transformer frozen)."""
+    'vocab' (both whole tables, the transformer frozen); 'none' (no base parameter: LoRA adapters
+    only). LoRA adapters (``model.lora``) always train."""
     freeze: list[str] = dataclasses.field(default_factory=list)
     """fnmatch patterns of parameter names to freeze as well, e.g. 'decoder.layers.0.*'."""
 
@@ -70,6 +71,9 @@ def apply_freeze_policy(model: torch.nn.Module, policy: FreezePolicy) -> int:
         for part in parts:
             if tables[part] is not None and (param := trainable_table_param(tables[part])) is not None:
                 param.requires_grad = True
+    for name, param in model.named_parameters():
+        if ".lora." in name:
+            param.requires_grad = True
     for name, param in model.named_parameters():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in policy.freeze):
             param.requires_grad = False

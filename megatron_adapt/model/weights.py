@@ -10,6 +10,10 @@ megatron-core layouts (per TP rank r of t):
   r·G/t … (r+1)·G/t − 1 contiguously.
 - linear_fc1: [gate rows of shard r | up rows of shard r] (the GLU splits the output in halves).
 - linear_proj, linear_fc2: column shards (row-parallel linears).
+- LoRA adapters (``model.lora``), one per HF module as PEFT has them: on a column-parallel linear
+  (q/k/v in linear_qkv, gate/up in linear_fc1) A is replicated and B holds this rank's rows of the
+  HF output; on a row-parallel one (o in linear_proj, down in linear_fc2) A holds this rank's
+  columns of the HF input and B is replicated.
 - embedding / output layer: row shards of the vocabulary padded to a multiple of 128·t.
 - tied embeddings (``tie_word_embeddings``): HF has no ``lm_head.weight``; megatron-core's output
   layer uses the embedding's table, or with PP > 1 keeps a copy on the last stage that loads from
@@ -36,7 +40,7 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint tensor is missing or has a shape other than the architecture implies."""
 
 
-Layout = Literal["replicated", "vocab_rows", "columns", "qkv", "gate_up"]
+Layout = Literal["replicated", "vocab_rows", "rows", "columns", "qkv", "gate_up"]
 """How a megatron-core tensor is laid out across TP ranks, and made of its HF tensors (above)."""
 
 
@@ -59,6 +63,27 @@ _LAYER_RULES: dict[str, tuple[tuple[str, ...], Layout]] = {
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "columns"),
 }
+LORA_TARGETS: dict[str, tuple[str, str, Literal["column", "row"]]] = {
+    "q_proj": ("self_attention.linear_qkv", "self_attn.q_proj", "column"),
+    "k_proj": ("self_attention.linear_qkv", "self_attn.k_proj", "column"),
+    "v_proj": ("self_attention.linear_qkv", "self_attn.v_proj", "column"),
+    "o_proj": ("self_attention.linear_proj", "self_attn.o_proj", "row"),
+    "gate_proj": ("mlp.linear_fc1", "mlp.gate_proj", "column"),
+    "up_proj": ("mlp.linear_fc1", "mlp.up_proj", "column"),
+    "down_proj": ("mlp.linear_fc2", "mlp.down_proj", "row"),
+}
+"""PEFT target name → (the megatron-core linear holding it, the HF module, how that linear is split)."""
+for _target, (_linear, _hf, _parallel) in LORA_TARGETS.items():
+    _LAYER_RULES[f"{_linear}.lora.{_target}.A"] = ((f"{_hf}.lora_A.weight",),
+                                                   "replicated" if _parallel == "column" else "columns")
+    _LAYER_RULES[f"{_linear}.lora.{_target}.B"] = ((f"{_hf}.lora_B.weight",),
+                                                   "rows" if _parallel == "column" else "replicated")
+
+
+def is_adapter(hf_name: str) -> bool:
+    return ".lora_A." in hf_name or ".lora_B." in hf_name
+
+
 _TOP_RULES: dict[str, Rule] = {
     "embedding.word_embeddings.weight": Rule(("model.embed_tokens.weight",), "vocab_rows"),
     "output_layer.weight": Rule(("lm_head.weight",), "vocab_rows"),
@@ -71,8 +96,9 @@ OUTPUT_COPY = "output_layer.weight"
 """With tied embeddings and PP > 1: the last stage's copy of the embedding table."""
 
 
-def hf_shapes(arch: LlamaArchitecture) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an HF LlamaForCausalLM checkpoint with its shape."""
+def hf_shapes(arch: LlamaArchitecture, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF LlamaForCausalLM checkpoint with its shape (and of its PEFT LoRA
+    adapters, ``model.layers.N.<module>.lora_A/B.weight``, when a rank is given)."""
     h, hd = arch.hidden_size, arch.head_dim
     shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
     if not arch.tie_word_embeddings:
@@ -89,6 +115,10 @@ def hf_shapes(arch: LlamaArchitecture) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (arch.intermediate_size, h),
             p + "mlp.down_proj.weight": (h, arch.intermediate_size),
         }
+        for target in lora_targets if lora_rank else ():
+            out_features, in_features = shapes[f"{p}{LORA_TARGETS[target][1]}.weight"]
+            shapes[f"{p}{LORA_TARGETS[target][1]}.lora_A.weight"] = (lora_rank, in_features)
+            shapes[f"{p}{LORA_TARGETS[target][1]}.lora_B.weight"] = (out_features, lora_rank)
     return shapes
 
 
@@ -170,6 +200,8 @@ def shard_from_hf(rule: Rule, tensors: list[Tensor], arch: LlamaArchitecture,
         return padded.chunk(tp_size, dim=0)[tp_rank]
     if rule.layout == "columns":
         return tensors[0].chunk(tp_size, dim=1)[tp_rank]
+    if rule.layout == "rows":
+        return tensors[0].chunk(tp_size, dim=0)[tp_rank]
     if rule.layout == "gate_up":
         gate, up = (t.chunk(tp_size, dim=0)[tp_rank] for t in tensors)
         return torch.cat([gate, up], dim=0)
@@ -195,6 +227,8 @@ def hf_from_shards(rule: Rule, shards: list[Tensor], arch: LlamaArchitecture) ->
         return [torch.cat(shards, dim=0)[: arch.vocab_size]]
     if rule.layout == "columns":
         return [torch.cat(shards, dim=1)]
+    if rule.layout == "rows":
+        return [torch.cat(shards, dim=0)]
     if rule.layout == "gate_up":
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
@@ -208,17 +242,21 @@ def hf_from_shards(rule: Rule, shards: list[Tensor], arch: LlamaArchitecture) ->
 
 # --- whole-model directions --------------------------------------------------------------------
 
-def load_hf_state(model: torch.nn.Module, get_tensor: Callable[[str], Tensor]) -> None:
+def load_hf_state(model: torch.nn.Module, get_tensor: Callable[[str], Tensor], adapters: bool = False) -> None:
     """Fill this rank's parameters from HF tensors, checking every shape against the architecture.
 
     ``get_tensor(name)`` returns an HF tensor (a dict's ``__getitem__`` or a checkpoint reader).
+    LoRA adapters keep their initialization unless ``adapters`` (PEFT names, ``hf_shapes``).
     """
     arch: LlamaArchitecture = model.architecture
-    expected = hf_shapes(arch)
+    lora = getattr(model, "lora_config", None)
+    expected = hf_shapes(arch, lora.rank, tuple(lora.targets)) if lora else hf_shapes(arch)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for _, param, _, rule in rules(model):
+            if is_adapter(rule.hf_names[0]) and not adapters:
+                continue
             tensors = []
             for hf_name in rule.hf_names:
                 try:

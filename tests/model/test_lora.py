@@ -1,0 +1,166 @@
+"""LoRA on megatron-core equals HF PEFT LoRA, and trains only what it should.
+
+- Same base weights, same adapters (non-zero B, so the adapters matter): megatron-core at
+  TP=2×PP=2 through its 1F1B schedule gives PEFT's ``LlamaForCausalLM`` logits and every adapter
+  gradient (fp32, ≤ 1e-4); no base weight gets a gradient.
+- Steps through megatron-core's DDP, gradient finalization and Adam at TP=2 with the added
+  vocabulary rows training beside the adapters: every base weight (transformer and base rows)
+  stays bit-identical, and optimizer state exists exactly for the adapters and the added rows on
+  each rank.
+- Bad LoRA settings are refused by name before a model is built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.multiprocess import run_ranks
+
+VOCAB, BASE_VOCAB, SEQ, RANK, ALPHA = 500, 400, 16, 4, 8.0
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def peft_reference(tmp_path_factory):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    base = LlamaForCausalLM(config).float()
+    directory = tmp_path_factory.mktemp("hf")
+    base.save_pretrained(directory)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
+                                                init_lora_weights=False))  # random B: the adapters count
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(tokens, -1, 1)
+    logits = model(tokens).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+    loss.backward()
+    adapters, grads = {}, {}
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            hf_name = name.removeprefix("base_model.model.").replace(".default", "")
+            adapters[hf_name], grads[hf_name] = param.detach().clone(), param.grad.clone()
+    return dict(dir=str(directory), tokens=tokens, labels=labels, logits=logits.detach(), loss=loss.item(),
+                weights=base_state | adapters, grads=grads)
+
+
+def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_adapt.model.build import build_llama
+    from megatron_adapt.model.config import LlamaArchitecture
+    from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
+    from megatron_adapt.model.lora import LoraConfig
+    from megatron_adapt.model.weights import export_hf_state, load_hf_state
+    from megatron_adapt.training.step import forward_backward
+
+    arch = LlamaArchitecture.from_hf_config(hf_dir)
+    model = build_llama(arch, seq_length=SEQ, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS))
+    load_hf_state(model, weights.__getitem__, adapters=True)
+    apply_freeze_policy(model, FreezePolicy(train="none"))
+    batches = [dict(tokens=tokens[i:i + 1], labels=labels[i:i + 1]) for i in range(len(tokens))]
+    captured: list[torch.Tensor] = []
+    loss = forward_backward(model, batches, on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
+    grads = {k: v for k, v in export_hf_state(model, use_grad=True).items() if "lora_" in k}
+    base_grads = [n for n, p in model.named_parameters() if ".lora." not in n and p.grad is not None]
+    last = parallel_state.is_pipeline_last_stage()
+    return dict(loss=loss, logits=torch.cat(captured)[..., :VOCAB] if last else None, grads=grads,
+                base_grads=base_grads)
+
+
+@pytest.mark.distributed
+def test_lora_matches_peft_at_tp2_pp2(peft_reference):
+    ref = peft_reference
+    results = run_ranks(_rank_lora_forward_backward, ref["dir"], ref["weights"], ref["tokens"], ref["labels"],
+                        tp=2, pp=2)
+    last = [r for r in results if r["logits"] is not None]
+    assert last, "no rank reported logits"
+    for r in last:
+        diff = (r["logits"] - ref["logits"]).abs().max().item()
+        assert diff <= 1e-4, f"logits differ from PEFT by {diff:.2e}"
+        assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    grads = {k: v for r in results for k, v in r["grads"].items()}
+    assert set(grads) == set(ref["grads"]), f"adapters differ: {sorted(set(grads) ^ set(ref['grads']))[:4]}"
+    for name, expected in ref["grads"].items():
+        diff = (grads[name] - expected).abs().max().item()
+        assert diff <= 1e-4 * max(expected.abs().max().item(), 1e-3), f"grad of {name} differs from PEFT by {diff:.2e}"
+    for rank, r in enumerate(results):
+        assert not r["base_grads"], f"rank {rank}: base weights got gradients: {r['base_grads'][:3]}"
+
+
+def _rank_lora_steps(hf_dir: str, tokens) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_adapt.checkpoint.hf import load_hf_checkpoint
+    from megatron_adapt.model.build import build_llama
+    from megatron_adapt.model.config import LlamaArchitecture
+    from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
+    from megatron_adapt.model.lora import LoraConfig
+    from megatron_adapt.model.weights import export_hf_state
+    from megatron_adapt.training.config import Config
+    from megatron_adapt.training.optim import build_optimizer
+    from megatron_adapt.training.step import forward_backward
+
+    config = Config()
+    config.optim.lr, config.optim.bf16 = 1e-2, False
+    policy = FreezePolicy(train="new_vocab_rows")
+    model = build_llama(LlamaArchitecture.from_hf_config(hf_dir), seq_length=SEQ, vocab=policy.vocab_layout(BASE_VOCAB),
+                        lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS))
+    load_hf_checkpoint(model, hf_dir)
+    apply_freeze_policy(model, policy)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
+    optimizer = build_optimizer(config, ddp, torch.float32, distributed=False)
+    before = export_hf_state(model)
+    batch = dict(tokens=tokens, labels=torch.roll(tokens, -1, 1))
+    for _ in range(3):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward(ddp, [batch])
+        finalize_model_grads([ddp])
+        optimizer.step()
+    after = export_hf_state(model)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora." in n)
+    rows = 0
+    for layer in (model.embedding.word_embeddings, model.output_layer):
+        start, stop = layer.trainable_span
+        rows += (stop - start) * layer.all_rows.shape[1]
+    state = sum(t.numel() for s in optimizer.optimizer.state.values() for t in s.values() if t.dim() > 0)
+    return dict(before=before, after=after, expected_state=2 * (adapters + rows), state=state,
+                tp_rank=parallel_state.get_tensor_model_parallel_rank())
+
+
+@pytest.mark.distributed
+def test_lora_steps_keep_the_base_and_hold_state_for_adapters_and_new_rows(peft_reference):
+    tokens = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(2))
+    tokens[0, ::3] = torch.arange(BASE_VOCAB, BASE_VOCAB + len(tokens[0, ::3]))
+    results = run_ranks(_rank_lora_steps, peft_reference["dir"], tokens, tp=2)
+    for r in results:
+        assert r["state"] == r["expected_state"], \
+            f"TP rank {r['tp_rank']}: optimizer state {r['state']} values, expected 2 × (adapters + added rows)"
+    before, after = results[0]["before"], results[0]["after"]
+    for name, tensor in before.items():
+        if "lora_A" in name:
+            assert not torch.equal(after[name], tensor), f"adapter {name} did not train"
+        elif "lora_B" not in name and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(after[name][:BASE_VOCAB], tensor[:BASE_VOCAB]), f"base rows of {name} moved"
+            assert not torch.equal(after[name][BASE_VOCAB:], tensor[BASE_VOCAB:]), f"added rows of {name} did not train"
+        elif "lora_B" not in name:
+            assert torch.equal(after[name], tensor), f"frozen base weight {name} changed"
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"rank": -1}, "lora.rank=-1"), ({"rank": 8, "targets": ["qkv"]}, "lora.targets: 'qkv' matches no layer"),
+    ({"rank": 8, "targets": []}, "lora.targets: empty"), ({"rank": 8, "dropout": 1.5}, "lora.dropout=1.5")])
+def test_bad_lora_settings_are_refused(settings, message):
+    from megatron_adapt.model.lora import LoraConfig
+
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        LoraConfig(**settings)
