@@ -4,6 +4,7 @@
         --tp 2 --pp 2 --init subword-mean --output runs/vi-start
     python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/stage2 --output release/vi-llama --dtype bf16
     python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/sft --output release/vi-chat --chat-template vbd
+    python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/bo-lora --output release/bo --lora peft
     python tools/convert_checkpoint.py gguf-to-hf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --output smollm2
 
 Streaming, one tensor in memory at a time; see ``megatron_adapt/checkpoint/convert.py``.
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     b.add_argument("--output", required=True)
     b.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES)
+    b.add_argument("--lora", choices=["merge", "peft"], default="merge",
+                   help="a LoRA run: adapters merged into the weights, or the base plus a PEFT adapter in OUTPUT/adapter")
     b.add_argument("--chat-template", choices=list(CHAT_TEMPLATES),
                    help="the template the SFT data was rendered with, written into tokenizer_config.json")
     c = sub.add_parser("gguf-to-hf", help="a GGUF model (dequantized to fp32) as an HF directory")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                  DTYPES.get(args.dtype), args.tp, args.pp, args.max_shard_bytes)
         else:
             out = megatron_to_hf(args.checkpoint, args.output, args.tokenizer_dir, DTYPES[args.dtype],
-                                 args.max_shard_bytes, args.chat_template)
+                                 args.max_shard_bytes, args.chat_template, args.lora)
     except (ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

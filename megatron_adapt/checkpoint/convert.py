@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from safetensors import safe_open
@@ -33,11 +33,12 @@ from megatron_adapt.checkpoint.format import (
     staging_dir,
 )
 from megatron_adapt.checkpoint.hf import INDEX_NAME, HFCheckpointReader
+from megatron_adapt.checkpoint.lora_export import ADAPTER_DIR, lora_run_reader, merged, write_peft_adapter
 from megatron_adapt.checkpoint.streaming import plan_shards, write_shard
+from megatron_adapt.data.chat import CHAT_TEMPLATES
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.resize import RESIZED, InitMethod, resizing_reader
 from megatron_adapt.model.weights import CheckpointMismatchError, hf_shapes
-from megatron_adapt.data.chat import CHAT_TEMPLATES
 from megatron_adapt.tokenizer import byte_level_bpe
 from megatron_adapt.tokenizer.hf_files import write_hf_files
 from megatron_adapt.tokenizer.load import locate
@@ -120,11 +121,14 @@ def hf_to_megatron(hf_dir: str | Path, tokenizer_dir: str | Path, output: str | 
 
 def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: str | Path | None = None,
                    dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                   chat_template: str | None = None) -> Path:
+                   chat_template: str | None = None, lora_export: Literal["merge", "peft"] = "merge") -> Path:
     """An HF model directory (weights, config, generation config, tokenizer files) from a run directory's
     latest checkpoint or an ``iter_N`` directory. The tokenizer defaults to the one the checkpoint
     records; ``chat_template`` (a name in ``data.chat.CHAT_TEMPLATES``) is written into its
-    tokenizer_config.json. Joins a one-process torch.distributed group for a training checkpoint."""
+    tokenizer_config.json. A LoRA run's checkpoint is exported with its adapters merged, or with
+    ``lora_export="peft"`` as its base (trained vocabulary rows included) plus a PEFT adapter in
+    ``OUTPUT/adapter`` (``lora_export.py``). Joins a one-process torch.distributed group for a
+    training checkpoint."""
     if chat_template is not None and chat_template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {chat_template!r}; expected one of {', '.join(CHAT_TEMPLATES)}")
     source = resolve(checkpoint)
@@ -138,7 +142,14 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
         distributed.initialize()
         try:
             reader = DistCheckpointReader(source)
-            write_hf_shards(reader.arch, reader.__getitem__, tmp, dtype, max_shard_bytes)
+            get = reader.__getitem__
+            if reader.adapters_only:
+                get = lora_run_reader(reader)
+                if lora_export == "peft":
+                    write_peft_adapter(reader.arch, get, reader.lora, tmp / ADAPTER_DIR, dtype, str(out))
+                else:
+                    get = merged(get, reader.lora)
+            write_hf_shards(reader.arch, get, tmp, dtype, max_shard_bytes)
         finally:
             distributed.destroy()
         arch = reader.arch

@@ -13,7 +13,9 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from megatron_adapt.checkpoint.format import CheckpointMeta, in_adapter_checkpoint
 from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.lora import LoraConfig
 from megatron_adapt.model.weights import (
     CheckpointMismatchError,
     Rule,
@@ -26,18 +28,29 @@ from megatron_adapt.model.weights import (
 
 class DistCheckpointReader:
     """``reader[hf_name]`` for a complete ``iter_NNNNNNN`` directory. Needs a (one-process)
-    torch.distributed group, as megatron-core's loader does."""
+    torch.distributed group, as megatron-core's loader does.
+
+    A LoRA run's checkpoint (``meta.adapters_only``) holds its adapters (PEFT names, ``lora``
+    says their rank, alpha and targets) and the vocabulary tables; its base is its start's."""
 
     def __init__(self, checkpoint: str | Path) -> None:
         self.directory = Path(checkpoint) / "dist"
         self.arch = LlamaArchitecture.from_hf_config(checkpoint)
+        meta = CheckpointMeta.read(checkpoint)
+        self.adapters_only = meta.adapters_only
+        lora = meta.config.get("train", {}).get("lora", {})
+        self.lora = LoraConfig(**lora) if lora.get("rank") else None
+        self.shapes = hf_shapes(self.arch, self.lora.rank, tuple(self.lora.targets)) if self.lora else hf_shapes(self.arch)
+        targets = tuple(self.lora.targets) if self.lora else ()
         self.stored = dist_checkpointing.load_tensors_metadata(str(self.directory))
         self.sources: dict[str, tuple[str, int | None, Rule, int]] = {}
-        for key, layer, rule in checkpoint_rules(self.arch):
+        for key, layer, rule in checkpoint_rules(self.arch, targets):
             if key in self.stored:
                 self._check_shape(key, layer, rule)
                 self.sources.update({hf: (key, layer, rule, j) for j, hf in enumerate(rule.hf_names)})
-        for key, layer, rule in checkpoint_rules(self.arch):
+        for key, layer, rule in checkpoint_rules(self.arch, targets):
+            if self.adapters_only and not in_adapter_checkpoint(key):
+                continue  # the frozen base lives in the run's start
             missing = [hf for hf in rule.hf_names if hf not in self.sources]
             if missing:
                 raise CheckpointMismatchError(f"{self.directory}: no tensor for {missing[0]} (no {key})")
@@ -49,8 +62,7 @@ class DistCheckpointReader:
             if stored[0] != self.arch.num_layers:
                 raise CheckpointMismatchError(f"{key}: {stored[0]} layers stored, config.json says {self.arch.num_layers}")
             stored = stored[1:]
-        shapes = hf_shapes(self.arch)
-        empty = [torch.empty(shapes[hf], device="meta") for hf in rule.hf_names]
+        empty = [torch.empty(self.shapes[hf], device="meta") for hf in rule.hf_names]
         padded = max(stored[0], self.arch.vocab_size) if rule.layout == "vocab_rows" else 0
         expected = tuple(shard_from_hf(rule, empty, self.arch, padded, 0, 1).shape)
         if stored != expected:

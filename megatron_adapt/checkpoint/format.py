@@ -44,7 +44,9 @@ class CheckpointMeta:
     layout: dict[str, int]
     """TP, PP and world size it was saved from (the RNG states belong to that layout)."""
     contents: list[str]
-    """"model", and for a resumable checkpoint "optimizer" and "rng"."""
+    """"model" (every weight) or "adapters" (a LoRA run's adapters and vocabulary tables only: the
+    frozen base is its start's, named in ``config``), and for a resumable checkpoint "optimizer"
+    and "rng"."""
     optimizer: OptimizerKind | None = None
     """'distributed' (state sharded over DP) or 'replicated': their states do not mix."""
     scheduler: dict[str, Any] | None = None
@@ -54,6 +56,10 @@ class CheckpointMeta:
     @property
     def resumable(self) -> bool:
         return "optimizer" in self.contents
+
+    @property
+    def adapters_only(self) -> bool:
+        return "adapters" in self.contents
 
     @property
     def tokenizer(self) -> str | None:
@@ -71,6 +77,12 @@ class CheckpointMeta:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def in_adapter_checkpoint(key: str) -> bool:
+    """Whether a LoRA run's checkpoint holds this (megatron-core state) key: adapters and the
+    vocabulary tables (their trained rows), not the frozen base."""
+    return ".lora." in key or key.startswith(("embedding.", "output_layer."))
 
 
 def iteration_name(iteration: int) -> str:

@@ -36,6 +36,7 @@ from megatron_adapt.checkpoint.format import (
     CheckpointMeta,
     OptimizerKind,
     commit,
+    in_adapter_checkpoint,
     iteration_name,
     staging_dir,
 )
@@ -78,10 +79,24 @@ def _rng_object() -> ShardedObject:
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def sharded_state(model, optimizer=None, with_rng: bool = False, loading: bool = False) -> dict[str, Any]:
+def _has_lora(module) -> bool:
+    return getattr(module, "lora_config", None) is not None
+
+
+def _model_state(module, adapters_only: bool) -> dict[str, Any]:
+    """The model's sharded state: with LoRA adapters either only them and the vocabulary tables
+    (what a LoRA run trains and saves) or everything but them (a whole-model start checkpoint)."""
+    state = module.sharded_state_dict()
+    if not _has_lora(module):
+        return state
+    return {k: v for k, v in state.items() if in_adapter_checkpoint(k) == adapters_only}
+
+
+def sharded_state(model, optimizer=None, with_rng: bool = False, loading: bool = False,
+                  adapters_only: bool = False) -> dict[str, Any]:
     """What a checkpoint holds for this rank, as megatron-core sharded tensors and objects."""
     module = unwrap(model)
-    state: dict[str, Any] = {"model": module.sharded_state_dict()}
+    state: dict[str, Any] = {"model": _model_state(module, adapters_only)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"] | trainable_row_shards(module),
                                                           is_loading=loading, metadata=_OPTIMIZER_FORMAT)
@@ -113,11 +128,12 @@ def save(run_dir: str | Path, iteration: int, model, optimizer=None, scheduler=N
         (staged / WEIGHTS_DIST).mkdir(parents=True)
     dist.barrier()
     resumable = optimizer is not None
-    write_dist(sharded_state(model, optimizer, with_rng=resumable), staged / WEIGHTS_DIST)
+    adapters = _has_lora(unwrap(model))
+    write_dist(sharded_state(model, optimizer, with_rng=resumable, adapters_only=adapters), staged / WEIGHTS_DIST)
     final = Path(run_dir) / iteration_name(iteration)
     if rank == 0:
         meta = CheckpointMeta(iteration=iteration, consumed_samples=consumed_samples, layout=_layout(),
-                              contents=["model", "optimizer", "rng"] if resumable else ["model"],
+                              contents=["adapters" if adapters else "model"] + (["optimizer", "rng"] if resumable else []),
                               optimizer=optimizer_kind(optimizer) if resumable else None,
                               scheduler=scheduler.state_dict() if scheduler is not None else None,
                               config=config or {})
@@ -148,10 +164,12 @@ def load(path: Path, model, optimizer=None, scheduler=None) -> CheckpointMeta:
         return meta
     same_layout = meta.layout == _layout()
     directory = str(path / WEIGHTS_DIST)
-    state = sharded_state(model, optimizer, with_rng=optimizer is not None and same_layout, loading=True)
+    state = sharded_state(model, optimizer, with_rng=optimizer is not None and same_layout, loading=True,
+                          adapters_only=meta.adapters_only)
     strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), _dp_group())
     loaded = dist_checkpointing.load(state, directory, sharded_strategy=strategy)
-    unwrap(model).load_state_dict(loaded["model"])
+    # Under LoRA a checkpoint holds a part of the model (the adapters, or the base); the rest stays.
+    unwrap(model).load_state_dict(loaded["model"], strict=not _has_lora(unwrap(model)))
     if optimizer is None:
         return meta
     optimizer.load_state_dict(loaded["optimizer"])

@@ -32,9 +32,9 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 
 import numpy as np
 
+from megatron_adapt.data.chat import TEMPLATE_NAMES, ChatEncoder, conversation, load_chat_tokenizer, render
 from megatron_adapt.data.fast_encode import ByteLevelEncoder, FastEncoder, make_encoder
 from megatron_adapt.data.indexed import MASK_SUFFIX, IndexedWriter, optimal_dtype, read_index
-from megatron_adapt.data.chat import TEMPLATE_NAMES, ChatEncoder, conversation, load_chat_tokenizer, render
 from megatron_adapt.data.templates import Segments, iter_parallel
 from megatron_adapt.text.corpus import BadLine, iter_documents, iter_records
 from megatron_adapt.text.normalize import get_normalizer

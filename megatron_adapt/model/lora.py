@@ -58,15 +58,15 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 0:
-            raise ValueError(f"lora.rank={self.rank}: must be positive (or 0 for no LoRA)")
+            raise ValueError(f"rank={self.rank}: must be positive (or 0 for no LoRA)")
         if self.rank and not self.targets:
-            raise ValueError("lora.targets: empty; name at least one of " + ", ".join(ALL_TARGETS))
+            raise ValueError("targets: empty; name at least one of " + ", ".join(ALL_TARGETS))
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
-            raise ValueError(f"lora.targets: {unknown[0]!r} matches no layer; expected names among "
+            raise ValueError(f"targets: {unknown[0]!r} matches no layer; expected names among "
                              + ", ".join(ALL_TARGETS))
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout={self.dropout}: must be in [0, 1)")
+            raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
 
     @property
     def enabled(self) -> bool:

@@ -171,18 +171,22 @@ def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable,
         yield name, param, grad, Rule(tuple(prefix + s for s in hf_suffixes), layout)
 
 
-def checkpoint_rules(arch: LlamaArchitecture) -> Iterator[tuple[str, int | None, Rule]]:
-    """(distributed-checkpoint key, layer or None, rule) for every tensor of the whole model.
+def checkpoint_rules(arch: LlamaArchitecture, lora_targets: tuple[str, ...] = ()) -> Iterator[tuple[str, int | None, Rule]]:
+    """(distributed-checkpoint key, layer or None, rule) for every tensor of the whole model, and
+    of its LoRA adapters on ``lora_targets``.
 
     megatron-core's distributed checkpoint stores each layer tensor for all layers as one global
     tensor with a leading layer axis, under its TransformerEngine name (the local spec maps its
     layer-norm names onto those), and every tensor unsharded (as at TP=1).
     """
+    adapter_keys = {f"{LORA_TARGETS[t][0]}.lora.{t}.{m}" for t in lora_targets for m in "AB"}
     for name, rule in _TOP_RULES.items():
         if not (name == OUTPUT_COPY and arch.tie_word_embeddings):
             yield name, None, rule
     for i in range(arch.num_layers):
         for suffix, (hf_suffixes, layout) in _LAYER_RULES.items():
+            if is_adapter(hf_suffixes[0]) and suffix not in adapter_keys:
+                continue
             yield f"decoder.layers.{suffix}", i, Rule(tuple(f"model.layers.{i}.{s}" for s in hf_suffixes), layout)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from megatron_adapt.model.freeze import FreezePolicy
+from megatron_adapt.model.lora import LoraConfig
 from megatron_adapt.model.resize import InitMethod
 
 
@@ -86,6 +87,7 @@ class TrainConfig:
     global_batch_size: int = 256
     micro_batch_size: int = 1
     freeze: FreezePolicy = dataclasses.field(default_factory=FreezePolicy)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     eval_interval: int = 200
     eval_steps: int = 10
     log_interval: int = 10
@@ -134,6 +136,12 @@ class Config:
             raise ConfigError("data.blend: a blend file is required")
         if not 0 <= self.optim.warmup_steps < self.train.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be below train.steps={self.train.steps}")
+        lora, train_what = self.train.lora, self.train.freeze.train
+        if lora.enabled and train_what == "all":
+            raise ConfigError("train.lora: the base weights stay frozen under LoRA; set train.freeze.train to "
+                              "none (adapters only), new_vocab_rows, new_input_rows, new_output_rows or vocab")
+        if not lora.enabled and train_what == "none":
+            raise ConfigError("train.freeze.train=none trains nothing without train.lora")
         o = self.optim
         if o.vocab_min_lr is not None and o.vocab_lr is None:
             raise ConfigError("optim.vocab_min_lr needs optim.vocab_lr")

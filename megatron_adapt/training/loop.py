@@ -117,11 +117,14 @@ def _build_model(config: Config, plan: RunPlan) -> DistributedDataParallel:
         log.info("fused vocabulary kernels not used: they take CUDA tensors or float32 CPU tensors")
     model = build_llama(plan.arch, params_dtype=plan.params_dtype, seq_length=config.data.seq_length,
                         vocab=plan.vocab_layout(config, fused),
-                        per_document_attention=config.data.per_document_attention)
-    if plan.source is None:
-        _load_hf_start(model, config, plan)
-    elif not plan.resuming:
-        train_state.load(plan.source, model)
+                        per_document_attention=config.data.per_document_attention, lora=config.train.lora)
+    # A resume restores every weight, except under LoRA: its checkpoints hold the adapters and
+    # vocabulary tables, the frozen base comes from where the run started.
+    if not plan.resuming or config.train.lora.enabled:
+        if plan.start is None:
+            _load_hf_start(model, config, plan)
+        else:
+            train_state.load(plan.start, model)
     apply_freeze_policy(model, config.train.freeze)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=plan.distributed_optimizer)

@@ -31,6 +31,9 @@ class RunPlan:
     """Checkpoint the weights come from; None: the HF checkpoint ``model.hf_dir``."""
     resuming: bool
     """``source`` is this run's own checkpoint: optimizer, schedule and data position come back too."""
+    start: Path | None
+    """Where the run's first weights came from (``model.init_from``'s checkpoint; None: hf_dir). A
+    LoRA run's checkpoints hold adapters and vocabulary tables only: it resumes on this base."""
     base_vocab: int
     """Rows of the vocabulary the start checkpoint was trained with (stage 1 trains the rest)."""
     base_tokenizer: str
@@ -50,12 +53,20 @@ def _source_checkpoint(config: Config) -> tuple[Path | None, bool]:
     own = latest(config.checkpoint.save)
     if own is not None:
         return own, True
-    if config.model.init_from:
-        other = latest(config.model.init_from)
-        if other is None:
-            raise ConfigError(f"model.init_from: {config.model.init_from} has no complete checkpoint")
-        return other, False
-    return None, False
+    start = _start_checkpoint(config)
+    return start, False
+
+
+def _start_checkpoint(config: Config) -> Path | None:
+    if not config.model.init_from:
+        return None
+    start = latest(config.model.init_from)
+    if start is None:
+        raise ConfigError(f"model.init_from: {config.model.init_from} has no complete checkpoint")
+    if CheckpointMeta.read(start).adapters_only:
+        raise ConfigError(f"model.init_from: {start} holds LoRA adapters, not a whole model; export it merged "
+                          "(tools/convert_checkpoint.py megatron-to-hf) and start from that with model.hf_dir")
+    return start
 
 
 def _tokenizer(path: str | Path, field: str) -> TextTokenizer:
@@ -115,7 +126,7 @@ def plan_run(config: Config) -> RunPlan:
                               "(their states differ in form): resume on the same kind of machine")
     blend = load_blend(config.data.blend)  # names any missing data prefix
     arch.check_parallel_layout(config.parallel.tp, config.parallel.pp)
-    return RunPlan(arch=arch, source=source, resuming=resuming, base_vocab=base_vocab,
+    return RunPlan(arch=arch, source=source, resuming=resuming, start=_start_checkpoint(config), base_vocab=base_vocab,
                    base_tokenizer=base_tokenizer, tokenizer=config.model.tokenizer or None,
                    eod_id=_eod_id(tokenizer, arch), blend=blend,
                    params_dtype=torch.bfloat16 if config.optim.bf16 else torch.float32,

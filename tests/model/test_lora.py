@@ -7,7 +7,7 @@
   vocabulary rows training beside the adapters: every base weight (transformer and base rows)
   stays bit-identical, and optimizer state exists exactly for the adapters and the added rows on
   each rank.
-- Bad LoRA settings are refused by name before a model is built.
+- Bad LoRA settings are refused by key while the config is read.
 """
 
 from __future__ import annotations
@@ -97,7 +97,11 @@ def test_lora_matches_peft_at_tp2_pp2(peft_reference):
 
 def _rank_lora_steps(hf_dir: str, tokens) -> dict:
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     from megatron_adapt.checkpoint.hf import load_hf_checkpoint
     from megatron_adapt.model.build import build_llama
@@ -157,10 +161,12 @@ def test_lora_steps_keep_the_base_and_hold_state_for_adapters_and_new_rows(peft_
 
 
 @pytest.mark.parametrize("settings,message", [
-    ({"rank": -1}, "lora.rank=-1"), ({"rank": 8, "targets": ["qkv"]}, "lora.targets: 'qkv' matches no layer"),
-    ({"rank": 8, "targets": []}, "lora.targets: empty"), ({"rank": 8, "dropout": 1.5}, "lora.dropout=1.5")])
-def test_bad_lora_settings_are_refused(settings, message):
-    from megatron_adapt.model.lora import LoraConfig
+    ("{rank: -1}", "train.lora: rank=-1"), ("{rank: 8, targets: [qkv]}", "train.lora: targets: 'qkv' matches no layer"),
+    ("{rank: 8, targets: []}", "train.lora: targets: empty"), ("{rank: 8, dropout: 1.5}", "train.lora: dropout=1.5"),
+    ("{rank: 8}", "train.lora: the base weights stay frozen under LoRA")])
+def test_bad_lora_settings_are_refused_by_key(recipe, settings, message):
+    """Refused while the config is read, before any model is built."""
+    from megatron_adapt.training.config import ConfigError, load_config
 
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
-        LoraConfig(**settings)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(recipe / "config.yaml", [f"train.lora={settings}"])

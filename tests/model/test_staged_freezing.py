@@ -30,7 +30,11 @@ def hf_dir(tmp_path_factory) -> str:
 
 
 def _rank_train_each_policy(hf_dir: str, tokens: torch.Tensor) -> dict:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     from megatron_adapt.checkpoint.hf import load_hf_checkpoint
     from megatron_adapt.model.build import build_llama
