@@ -38,8 +38,8 @@ class DistCheckpointReader:
         self.arch = LlamaArchitecture.from_hf_config(checkpoint)
         meta = CheckpointMeta.read(checkpoint)
         self.adapters_only = meta.adapters_only
-        lora = meta.config.get("train", {}).get("lora", {})
-        self.lora = LoraConfig(**lora) if lora.get("rank") else None
+        lora = meta.config.get("train", {}).get("lora")
+        self.lora = LoraConfig(**lora) if lora else None
         self.shapes = hf_shapes(self.arch, self.lora.rank, tuple(self.lora.targets)) if self.lora else hf_shapes(self.arch)
         targets = tuple(self.lora.targets) if self.lora else ()
         self.stored = dist_checkpointing.load_tensors_metadata(str(self.directory))

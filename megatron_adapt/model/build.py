@@ -144,7 +144,7 @@ def build_llama(arch: LlamaArchitecture, params_dtype: torch.dtype = torch.float
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = arch.transformer_config(tp, pp, params_dtype, **config_overrides)
     seq_length = seq_length or arch.max_position_embeddings
-    if lora is not None and lora.enabled:
+    if lora is not None:
         if use_transformer_engine:
             raise ValueError("train.lora: adapters need megatron-core's local layer spec, not TransformerEngine's")
         if use_transformer_engine is None and transformer_engine_available():
@@ -152,6 +152,6 @@ def build_llama(arch: LlamaArchitecture, params_dtype: torch.dtype = torch.float
         use_transformer_engine = False
     spec = layer_spec(use_transformer_engine, per_document_attention)
     model = LlamaGPTModel(arch, config, spec, seq_length, vocab)
-    if lora is not None and lora.enabled:
+    if lora is not None:
         add_lora(model, lora)
     return model

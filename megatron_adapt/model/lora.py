@@ -44,10 +44,10 @@ ALL_TARGETS = tuple(LORA_TARGETS)
 
 @dataclasses.dataclass
 class LoraConfig:
-    """LoRA on the transformer's linear layers (rank 0: off). Base weights are then frozen; which
-    vocabulary rows train beside the adapters is ``train.freeze.train``."""
+    """LoRA on the transformer's linear layers. Base weights are then frozen; which vocabulary rows
+    train beside the adapters is ``train.freeze.train``."""
 
-    rank: int = 0
+    rank: int = 8
     alpha: float = 16.0
     """The delta is scaled by alpha / rank, as PEFT does."""
     dropout: float = 0.0
@@ -55,11 +55,12 @@ class LoraConfig:
     targets: list[str] = dataclasses.field(default_factory=lambda: list(ALL_TARGETS))
     """PEFT module names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
     seed: int = 1234
+    """Seeds the adapters' initialization (the same at any TP/PP layout)."""
 
     def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"rank={self.rank}: must be positive (or 0 for no LoRA)")
-        if self.rank and not self.targets:
+        if self.rank <= 0:
+            raise ValueError(f"rank={self.rank}: must be positive")
+        if not self.targets:
             raise ValueError("targets: empty; name at least one of " + ", ".join(ALL_TARGETS))
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
@@ -67,10 +68,6 @@ class LoraConfig:
                              + ", ".join(ALL_TARGETS))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
 
     @property
     def scaling(self) -> float:

@@ -87,7 +87,8 @@ class TrainConfig:
     global_batch_size: int = 256
     micro_batch_size: int = 1
     freeze: FreezePolicy = dataclasses.field(default_factory=FreezePolicy)
-    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    lora: LoraConfig | None = None
+    """LoRA adapters on the transformer's linear layers ({rank, alpha, dropout, targets}); None: none."""
     eval_interval: int = 200
     eval_steps: int = 10
     log_interval: int = 10
@@ -137,10 +138,10 @@ class Config:
         if not 0 <= self.optim.warmup_steps < self.train.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be below train.steps={self.train.steps}")
         lora, train_what = self.train.lora, self.train.freeze.train
-        if lora.enabled and train_what == "all":
+        if lora is not None and train_what == "all":
             raise ConfigError("train.lora: the base weights stay frozen under LoRA; set train.freeze.train to "
                               "none (adapters only), new_vocab_rows, new_input_rows, new_output_rows or vocab")
-        if not lora.enabled and train_what == "none":
+        if lora is None and train_what == "none":
             raise ConfigError("train.freeze.train=none trains nothing without train.lora")
         o = self.optim
         if o.vocab_min_lr is not None and o.vocab_lr is None:

@@ -120,7 +120,7 @@ def _build_model(config: Config, plan: RunPlan) -> DistributedDataParallel:
                         per_document_attention=config.data.per_document_attention, lora=config.train.lora)
     # A resume restores every weight, except under LoRA: its checkpoints hold the adapters and
     # vocabulary tables, the frozen base comes from where the run started.
-    if not plan.resuming or config.train.lora.enabled:
+    if not plan.resuming or config.train.lora is not None:
         if plan.start is None:
             _load_hf_start(model, config, plan)
         else:

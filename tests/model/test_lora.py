@@ -161,7 +161,7 @@ def test_lora_steps_keep_the_base_and_hold_state_for_adapters_and_new_rows(peft_
 
 
 @pytest.mark.parametrize("settings,message", [
-    ("{rank: -1}", "train.lora: rank=-1"), ("{rank: 8, targets: [qkv]}", "train.lora: targets: 'qkv' matches no layer"),
+    ("{rank: 0}", "train.lora: rank=0"), ("{rank: -1}", "train.lora: rank=-1"), ("{rank: 8, targets: [qkv]}", "train.lora: targets: 'qkv' matches no layer"),
     ("{rank: 8, targets: []}", "train.lora: targets: empty"), ("{rank: 8, dropout: 1.5}", "train.lora: dropout=1.5"),
     ("{rank: 8}", "train.lora: the base weights stay frozen under LoRA")])
 def test_bad_lora_settings_are_refused_by_key(recipe, settings, message):
