@@ -6,9 +6,11 @@ Steps (each is skipped when its output exists, so a rerun continues): the GGUF a
 extend its tokenizer with Vietnamese → training paragraphs of Vietnamese Wikipedia and English
 Gutenberg (the held-out ones, ``configs/lm_eval/heldout_*.jsonl``, left out) preprocessed →
 hf-to-megatron with each init method → stage 1 (new rows only) from the subword-mean start →
-stage 2 (all weights, vi:en blend) → export. ``tools/evaluate.py`` scores held-out Vietnamese and
-English (bits per byte, tokens per word) for the base model, each resized start, and each stage's
-export. Writes WORK/results.json, WORK/results.md (the table) and WORK/curves.png (training loss
+stage 2 (all weights, vi:en blend) → export; beside stage 2, from the same stage-1 weights and
+with the same token budget, two alternatives (issue #16): stage 2 with a decoupled vocabulary LR
+(``optim.vocab_lr``) and stage 2 as LoRA (rank 64, alpha 128, all seven modules) with the added
+rows training. ``tools/evaluate.py`` scores held-out Vietnamese and English (bits per byte, tokens
+per word) for the base model, each resized start, and each stage's export. Writes WORK/results.json, WORK/results.md (the table) and WORK/curves.png (training loss
 and validation bits per byte per group over both stages).
 """
 
@@ -69,7 +71,19 @@ def evaluate(model: Path, work: Path, name: str, docs: int) -> dict:
     return scores
 
 
-def stage_config(work: Path, stage: int, args, init_from: Path) -> Path:
+STAGE2_VARIANTS = {
+    "stage2": {},
+    "stage2-vocab-lr": {"optim": {"vocab_lr": 3e-3, "vocab_min_lr": 1e-4}},
+    "stage2-lora": {"optim": {"lr": 1e-3, "weight_decay": 0.0},
+                    "train": {"freeze": {"train": "new_vocab_rows"},
+                              "lora": {"rank": 64, "alpha": 128, "dropout": 0.05}}},
+}
+"""Stage-2 runs from the same stage-1 weights on the same data and token budget: config changes."""
+
+
+def stage_config(work: Path, stage: int, args, init_from: Path, name: str | None = None,
+                 changes: dict | None = None) -> Path:
+    name = name or f"stage{stage}"
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     config = {
         "model": {"hf_dir": str(work / "base"), "tokenizer": str(work / "tokenizer"),
@@ -82,19 +96,22 @@ def stage_config(work: Path, stage: int, args, init_from: Path) -> Path:
         "train": {"steps": steps, "global_batch_size": args.gbs, "micro_batch_size": args.micro_batch,
                   "freeze": {"train": "new_vocab_rows" if stage == 1 else "all"},
                   "eval_interval": max(steps // 4, 1), "eval_steps": 1, "log_interval": max(steps // 40, 1)},
-        "checkpoint": {"save": str(work / f"stage{stage}"), "save_interval": steps},
+        "checkpoint": {"save": str(work / name), "save_interval": steps},
     }
-    path = work / f"stage{stage}.yaml"
+    for section, values in (changes or {}).items():
+        config[section] |= values
+    path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def train(work: Path, stage: int, args, init_from: Path) -> None:
-    if (work / f"stage{stage}" / "done").exists():
+def train(work: Path, stage: int, args, init_from: Path, name: str | None = None, changes: dict | None = None) -> None:
+    name = name or f"stage{stage}"
+    if (work / name / "done").exists():
         return
-    config = stage_config(work, stage, args, init_from)
+    config = stage_config(work, stage, args, init_from, name, changes)
     run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "megatron_adapt.pretrain",
-        "--config", str(config), log=work / f"stage{stage}.log")
+        "--config", str(config), log=work / f"{name}.log")
 
 
 def export(work: Path, checkpoint: Path, name: str) -> Path:
@@ -175,6 +192,7 @@ def main() -> None:
     parser.add_argument("--gbs", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--eval-docs", type=int, default=60)
+    parser.add_argument("--variants", action="store_true", help="also the vocab-LR and LoRA stage-2 runs")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -186,8 +204,13 @@ def main() -> None:
                                                f"start-{init}", args.eval_docs)
     train(work, 1, args, work / "start-subword-mean")
     results["after stage 1"] = evaluate(export(work, work / "stage1", "stage1"), work, "stage1", args.eval_docs)
-    train(work, 2, args, work / "stage1")
-    results["after stage 2"] = evaluate(export(work, work / "stage2", "stage2"), work, "stage2", args.eval_docs)
+    labels = {"stage2": "after stage 2", "stage2-vocab-lr": "after stage 2, vocab_lr 3e-3 (10×)",
+              "stage2-lora": "after stage 2 as LoRA r64 + new rows"}
+    for name, changes in STAGE2_VARIANTS.items():
+        if name != "stage2" and not args.variants:
+            continue
+        train(work, 2, args, work / "stage1", name, changes)
+        results[labels[name]] = evaluate(export(work, work / name, name), work, name, args.eval_docs)
 
     base = results["base SmolLM2-135M"]
     lines = ["| model | vi bits/byte | en bits/byte | vi vs base | en vs base | vi tokens/word | en tokens/word |",
