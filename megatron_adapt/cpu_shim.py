@@ -2,8 +2,8 @@
 
 megatron-core assumes CUDA in a handful of places: it asks ``torch.cuda.current_device()`` for
 the device of new tensors, creates some tensors with ``device="cuda"``, synchronizes the CUDA
-stream, keeps its tensor-parallel RNG streams as CUDA generator states, and its gradient clipping
-asserts CUDA gradients. On a CPU-only
+stream, keeps its tensor-parallel RNG streams as CUDA generator states, its gradient clipping
+asserts CUDA gradients, and its default causal mask is made on CUDA. On a CPU-only
 machine all of these either raise or (``torch.cuda._lazy_call``) silently never run.
 
 ``enable()`` redirects exactly those calls to the CPU for the current process. It is used by the
@@ -66,6 +66,13 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             grad.detach().mul_(clip_coeff)
 
 
+def _default_causal_mask(sq: int) -> torch.Tensor:
+    """megatron-core's causal mask, made on the CPU. Activation recomputation re-runs attention in
+    the backward pass, which runs inside this mode's handler for ``torch.autograd.backward`` —
+    where the mode, as any TorchFunctionMode in its own handler, is off."""
+    return torch.ones(sq, sq, dtype=torch.bool).triu(1)
+
+
 def enable() -> None:
     """Redirect megatron-core's CUDA calls to the CPU in this process (idempotent)."""
     global _ENABLED
@@ -81,11 +88,14 @@ def enable() -> None:
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
 
+    from megatron.core.fusions import fused_softmax
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import utils as mcore_utils
 
     mcore_random._set_cuda_rng_state = _set_rng_state
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    mcore_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = _default_causal_mask
     logging.getLogger(mcore_random.__name__).addFilter(_DropSharedRngWarning())
 
     _CudaToCpu().__enter__()  # stays active for the life of the process

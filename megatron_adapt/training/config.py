@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -92,6 +92,9 @@ class TrainConfig:
     eval_interval: int = 200
     eval_steps: int = 10
     log_interval: int = 10
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (Megatron-LM's --recompute-granularity): selective recomputes the
+    attention core, full recomputes every layer's forward in the backward pass."""
     peak_tflops: float = 989.0
     """Per-device dense bf16 peak used for MFU (H100 SXM: 989)."""
 
@@ -151,6 +154,16 @@ class Config:
                               f"({o.vocab_min_lr if o.vocab_min_lr is not None else o.min_lr})")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+
+
+def transformer_overrides(config: Config) -> dict[str, Any]:
+    """The megatron-core TransformerConfig fields set by the run's memory settings."""
+    out: dict[str, Any] = {}
+    if config.train.recompute == "selective":
+        out["recompute_granularity"] = "selective"
+    elif config.train.recompute == "full":
+        out |= {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return out
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:

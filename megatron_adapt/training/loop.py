@@ -37,7 +37,7 @@ from megatron_adapt.model.freeze import apply_freeze_policy
 from megatron_adapt.model.fused_vocab import fused_vocab_supported
 from megatron_adapt.model.resize import resizing_reader
 from megatron_adapt.model.weights import load_hf_state
-from megatron_adapt.training.config import Config, to_dict
+from megatron_adapt.training.config import Config, to_dict, transformer_overrides
 from megatron_adapt.training.data import DatasetTokenizer, build_datasets, micro_batches
 from megatron_adapt.training.evaluate import evaluate
 from megatron_adapt.training.metrics import MetricsSink, Throughput
@@ -117,7 +117,8 @@ def _build_model(config: Config, plan: RunPlan) -> DistributedDataParallel:
         log.info("fused vocabulary kernels not used: they take CUDA tensors or float32 CPU tensors")
     model = build_llama(plan.arch, params_dtype=plan.params_dtype, seq_length=config.data.seq_length,
                         vocab=plan.vocab_layout(config, fused),
-                        per_document_attention=config.data.per_document_attention, lora=config.train.lora)
+                        per_document_attention=config.data.per_document_attention, lora=config.train.lora,
+                        **transformer_overrides(config))
     # A resume restores every weight, except under LoRA: its checkpoints hold the adapters and
     # vocabulary tables, the frozen base comes from where the run started.
     if not plan.resuming or config.train.lora is not None:
@@ -125,6 +126,7 @@ def _build_model(config: Config, plan: RunPlan) -> DistributedDataParallel:
             _load_hf_start(model, config, plan)
         else:
             train_state.load(plan.start, model)
+    log.info("activation recomputation: %s", model.config.recompute_granularity or "none")
     apply_freeze_policy(model, config.train.freeze)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=plan.distributed_optimizer)

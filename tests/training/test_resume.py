@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node"]
 
 
-def _run(recipe: Path, save: Path, procs: int, *overrides: str, stop_after_step: int | None = None) -> None:
+def _run(recipe: Path, save: Path, procs: int, *overrides: str, stop_after_step: int | None = None) -> str:
+    """Train (or resume) with the recipe's config; returns the workers' log."""
     cmd = TORCHRUN + [str(procs), "-m", "megatron_adapt.pretrain", "--config", str(recipe / "config.yaml"),
                       "--set", f"checkpoint.save={save}", *[a for o in overrides for a in ("--set", o)]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -37,8 +38,9 @@ def _run(recipe: Path, save: Path, procs: int, *overrides: str, stop_after_step:
     _, err = proc.communicate(timeout=600)
     if stop_after_step is not None:  # torchrun exits non-zero after relaying a SIGTERM; workers must not
         assert "stopped at step" in err and "]: Traceback" not in err, f"workers did not stop cleanly:\n{err[-3000:]}"
-        return
+        return err
     assert proc.returncode == 0, f"training exited with {proc.returncode}:\n{err[-3000:]}"
+    return err
 
 
 def _losses(save: Path) -> dict[int, float]:
@@ -46,12 +48,19 @@ def _losses(save: Path) -> dict[int, float]:
             if "loss" in r}
 
 
-@pytest.mark.distributed
-def test_sigterm_then_resume_is_bit_identical(recipe, tmp_path):
-    reference = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def reference_losses(recipe, tmp_path_factory) -> dict[int, float]:
+    """The recipe's run at TP=2, uninterrupted, with nothing recomputed."""
+    reference = tmp_path_factory.mktemp("reference")
     _run(recipe, reference, 2)
     expected = _losses(reference)
     assert len(expected) == 10 and expected[10] < expected[1], f"loss did not decrease: {expected}"
+    return expected
+
+
+@pytest.mark.distributed
+def test_sigterm_then_resume_is_bit_identical(recipe, tmp_path, reference_losses):
+    expected = reference_losses
 
     run = tmp_path / "interrupted"
     _run(recipe, run, 2, stop_after_step=4)
@@ -63,6 +72,17 @@ def test_sigterm_then_resume_is_bit_identical(recipe, tmp_path):
     for step in range(meta_step + 1, 11):
         assert got[step] == expected[step], f"step {step}: {got[step]!r} after resume vs {expected[step]!r}"
     assert (run / "done").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recomputation_gives_the_same_losses(recipe, tmp_path, reference_losses, recompute):
+    """megatron-core's recomputation (through its checkpoint function, TP RNG tracker included)
+    re-runs the same float ops: the losses are bit-identical."""
+    log = _run(recipe, tmp_path / recompute, 2, f"train.recompute={recompute}")
+    assert f"activation recomputation: {recompute}" in log, "megatron-core's config did not get the setting"
+    got = _losses(tmp_path / recompute)
+    assert got == reference_losses, f"recompute={recompute}: {got} vs {reference_losses}"
 
 
 # At TP=1 the matmuls that TP=2 splits over two ranks run whole, so sums are taken in another order:
