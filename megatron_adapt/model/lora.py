@@ -113,6 +113,8 @@ class LoraColumnParallelLinear(_LoraLinear, ColumnParallelLinear):
 
     lora_parts: tuple[str, ...]
     """The HF modules this linear fuses, in the order of its output (q, k, v or gate, up)."""
+    lora_part_sizes: tuple[int, ...]
+    """Their output rows on this rank."""
     lora_groups: int
     """KV groups on this rank (linear_qkv: the output is [groups, q heads | k | v] per group)."""
 
@@ -213,7 +215,3 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> None:
                 module.lora_part_sizes = tuple(sizes[p][0] // tp for p in parts)
                 module.lora_groups = arch.num_key_value_heads // tp if linear_name.endswith("linear_qkv") else 0
     model.lora_config = config
-
-
-def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if ".lora." in n]
