@@ -37,18 +37,22 @@ def hf_llama(tmp_path_factory):
     return model, str(directory)
 
 
-def _rank_packed_logits(hf_dir: str, samples: list[torch.Tensor], per_document: bool) -> list | None:
+def _rank_packed_logits(hf_dir: str, samples: list[torch.Tensor]) -> dict[bool, list] | None:
+    """Conversation 2's logits in each sample, with and without per-document attention."""
     arch = LlamaArchitecture.from_hf_config(hf_dir)
-    model = build_llama(arch, seq_length=FIRST + SECOND, per_document_attention=per_document)
-    load_hf_checkpoint(model, hf_dir)
     segments = torch.tensor([[0] * FIRST + [1] * SECOND])
-    captured: list[torch.Tensor] = []
-    for tokens in samples:
-        batch = dict(tokens=tokens, labels=torch.roll(tokens, -1, 1))
-        if per_document:
-            batch["segment_ids"] = segments
-        forward_backward(model, [batch], forward_only=True, on_logits=captured.append)
-    return [c[0, FIRST:, :VOCAB] for c in captured] or None
+    out = {}
+    for per_document in (True, False):
+        model = build_llama(arch, seq_length=FIRST + SECOND, per_document_attention=per_document)
+        load_hf_checkpoint(model, hf_dir)
+        captured: list[torch.Tensor] = []
+        for tokens in samples:
+            batch = dict(tokens=tokens, labels=torch.roll(tokens, -1, 1))
+            if per_document:
+                batch["segment_ids"] = segments
+            forward_backward(model, [batch], forward_only=True, on_logits=captured.append)
+        out[per_document] = [c[0, FIRST:, :VOCAB] for c in captured]
+    return out if out[True] else None
 
 
 @pytest.mark.distributed
@@ -61,13 +65,12 @@ def test_second_conversation_sees_only_itself(hf_llama):
     with torch.no_grad():
         alone = model(second).logits[0]
 
-    per_rank = run_ranks(_rank_packed_logits, hf_dir, samples, True, pp=2)
-    packed = next(r for r in per_rank if r is not None)
-    for k, logits in enumerate(packed):
+    last_stage = next(r for r in run_ranks(_rank_packed_logits, hf_dir, samples, pp=2) if r is not None)
+    for k, logits in enumerate(last_stage[True]):
         diff = (logits - alone).abs().max().item()
         assert diff <= 1e-4, f"packed sample {k}: conversation 2's logits differ from it alone by {diff:.2e}"
 
-    causal = next(r for r in run_ranks(_rank_packed_logits, hf_dir, samples, False, pp=2) if r is not None)
+    causal = last_stage[False]
     assert (causal[0] - causal[1]).abs().max() > 1e-3, \
         "without per-document attention conversation 1 should change conversation 2's logits"
 
