@@ -85,11 +85,14 @@ def _has_lora(module) -> bool:
 
 def _model_state(module, adapters_only: bool) -> dict[str, Any]:
     """The model's sharded state: with LoRA adapters either only them and the vocabulary tables
-    (what a LoRA run trains and saves) or everything but them (a whole-model start checkpoint)."""
+    (what a LoRA run trains and saves) or everything but the adapters (a whole-model checkpoint
+    it starts from)."""
     state = module.sharded_state_dict()
     if not _has_lora(module):
         return state
-    return {k: v for k, v in state.items() if in_adapter_checkpoint(k) == adapters_only}
+    if adapters_only:
+        return {k: v for k, v in state.items() if in_adapter_checkpoint(k)}
+    return {k: v for k, v in state.items() if ".lora." not in k}
 
 
 def sharded_state(model, optimizer=None, with_rng: bool = False, loading: bool = False,

@@ -170,3 +170,30 @@ def test_bad_lora_settings_are_refused_by_key(recipe, settings, message):
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(recipe / "config.yaml", [f"train.lora={settings}"])
+
+
+def _rank_lora_from_whole_checkpoint(hf_dir: str, run_dir: str) -> dict:
+    from megatron_adapt.checkpoint import train_state
+    from megatron_adapt.checkpoint.format import latest
+    from megatron_adapt.checkpoint.hf import load_hf_checkpoint
+    from megatron_adapt.model.build import build_llama
+    from megatron_adapt.model.config import LlamaArchitecture
+    from megatron_adapt.model.lora import LoraConfig
+    from megatron_adapt.model.weights import export_hf_state
+
+    arch = LlamaArchitecture.from_hf_config(hf_dir)
+    whole = build_llama(arch, seq_length=SEQ)
+    load_hf_checkpoint(whole, hf_dir)
+    train_state.save(run_dir, 0, whole)
+    lora = build_llama(arch, seq_length=SEQ, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS))  # random base
+    train_state.load(latest(run_dir), lora)
+    want, got = export_hf_state(whole), export_hf_state(lora)
+    return {name: torch.equal(tensor, got[name]) for name, tensor in want.items()}
+
+
+@pytest.mark.distributed
+def test_lora_model_starts_from_a_whole_model_checkpoint(peft_reference, tmp_path):
+    """model.init_from a stage-1/2 checkpoint: every base tensor, vocabulary tables included, loads."""
+    results = run_ranks(_rank_lora_from_whole_checkpoint, peft_reference["dir"], str(tmp_path / "run"), tp=2)
+    missed = sorted({name for r in results for name, same in r.items() if not same})
+    assert not missed, f"not loaded into the LoRA model: {missed[:4]}"
