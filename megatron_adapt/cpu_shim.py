@@ -2,9 +2,10 @@
 
 megatron-core assumes CUDA in a handful of places: it asks ``torch.cuda.current_device()`` for
 the device of new tensors, creates some tensors with ``device="cuda"``, synchronizes the CUDA
-stream, keeps its tensor-parallel RNG streams as CUDA generator states, its gradient clipping
-asserts CUDA gradients, and its default causal mask is made on CUDA. On a CPU-only
-machine all of these either raise or (``torch.cuda._lazy_call``) silently never run.
+stream, keeps its tensor-parallel RNG streams as CUDA generator states, its mixed-precision
+optimizer accepts parameters by their CUDA type name and its gradient clipping asserts CUDA
+gradients. On a CPU-only machine all of these either raise or
+(``torch.cuda._lazy_call``) silently never run.
 
 ``enable()`` redirects exactly those calls to the CPU for the current process. It is used by the
 test-suite and the CPU smoke run only; GPU runs never import it, so nothing here can slow or
@@ -30,18 +31,46 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Rewrites ``device=cuda`` arguments and ``.cuda()`` calls to the CPU."""
+    """Rewrites ``device=cuda`` arguments and ``.cuda()`` calls to the CPU, in the backward pass too."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.autograd.backward:
+            return _backward(*args, **kwargs)
+        if func is torch.Tensor.backward:
+            return _tensor_backward(*args, **kwargs)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
         kwargs.pop("pin_memory", None)
         if func in (torch.Tensor.cuda,):
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # megatron's optimizer asks for
+            return func(*args).replace("torch.", "torch.cuda.", 1)   # torch.cuda.BFloat16Tensor and the like
         if func is torch.Tensor.to and args[1:] and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+def _backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None) -> None:
+    """``torch.autograd.backward`` with this mode active while the autograd engine runs.
+
+    A mode is off inside its own handler, and the handler is where a backward call arrives: run
+    as is, megatron-core's autograd functions (sequence-parallel gathers, recomputed attention)
+    would make their CUDA tensors unredirected. The engine entry point is not overridable, so a
+    fresh instance of the mode can be active around it without calling back into this handler."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
+    with _CudaToCpu():
+        _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph,
+                             inputs, allow_unreachable=True, accumulate_grad=True)
+
+
+def _tensor_backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None) -> None:
+    _backward(self, gradient, retain_graph, create_graph, inputs)
 
 
 class _DropSharedRngWarning(logging.Filter):
@@ -66,13 +95,6 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             grad.detach().mul_(clip_coeff)
 
 
-def _default_causal_mask(sq: int) -> torch.Tensor:
-    """megatron-core's causal mask, made on the CPU. Activation recomputation re-runs attention in
-    the backward pass, which runs inside this mode's handler for ``torch.autograd.backward`` —
-    where the mode, as any TorchFunctionMode in its own handler, is off."""
-    return torch.ones(sq, sq, dtype=torch.bool).triu(1)
-
-
 def enable() -> None:
     """Redirect megatron-core's CUDA calls to the CPU in this process (idempotent)."""
     global _ENABLED
@@ -88,14 +110,11 @@ def enable() -> None:
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
 
-    from megatron.core.fusions import fused_softmax
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.tensor_parallel import random as mcore_random
-    from megatron.core.transformer import utils as mcore_utils
 
     mcore_random._set_cuda_rng_state = _set_rng_state
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-    mcore_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = _default_causal_mask
     logging.getLogger(mcore_random.__name__).addFilter(_DropSharedRngWarning())
 
     _CudaToCpu().__enter__()  # stays active for the life of the process

@@ -8,10 +8,15 @@ import math
 import os
 import tempfile
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+if TYPE_CHECKING:
+    from megatron_adapt.training.step import StepLoss
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +70,13 @@ def any_rank(flag: bool) -> bool:
     return bool(tensor.item())
 
 
-def data_parallel_mean(value: float | None) -> float:
-    """The mean of ``value`` over this rank's data-parallel group (NaN where it is None)."""
-    if value is None:
+def data_parallel_loss(loss: "StepLoss | None") -> float:
+    """The mean loss per target token over the data-parallel group's micro-batches (NaN off the
+    last pipeline stage, where ``loss`` is None): ranks' sums and token counts are added, so a rank
+    whose micro-batches hold fewer targets weighs less, as it does in the gradient."""
+    if loss is None:
         return math.nan
-    tensor = torch.tensor([value], dtype=torch.float64, device=_device())
+    tensor = torch.tensor([loss.total, loss.tokens], dtype=torch.float64, device=_device())
     dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
-    return tensor.item() / parallel_state.get_data_parallel_world_size()
+    total, tokens = tensor.tolist()
+    return total / max(tokens, 1.0)

@@ -121,7 +121,7 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, trainable, weight, labels, token_weights, vocab_start, true_vocab_size, span,
-                ignore_index, z_loss, group, chunk):
+                ignore_index, z_loss, group, reduce_hidden_grad, chunk):
         n = hidden.shape[0]
         valid = max(0, min(weight.shape[0], true_vocab_size - vocab_start))  # the rest is TP padding
         rows = weight[:valid]
@@ -149,7 +149,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_rows and t1 > t0:
                 _add_product(grad_rows[:t1 - t0], logits[:, t0:t1].T, h)
         ctx.gradients = grad_hidden, grad_rows  # intermediates, not inputs: kept on ctx so backward can drop them
-        ctx.group, ctx.dtype = group, weight.dtype
+        ctx.reduce_group = group if reduce_hidden_grad and group is not None and dist.get_world_size(group) > 1 else None
+        ctx.dtype = weight.dtype
         ctx.mark_non_differentiable(losses)
         return (losses * scale).sum(), losses
 
@@ -162,17 +163,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         (grad_hidden, grad_rows), ctx.gradients = ctx.gradients, None
         if grad_hidden is not None:
             grad_hidden.mul_(grad_sum.to(grad_hidden.dtype))
-            if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
-                dist.all_reduce(grad_hidden, group=ctx.group)
+            if ctx.reduce_group is not None:
+                dist.all_reduce(grad_hidden, group=ctx.reduce_group)
         if grad_rows is not None:
             grad_rows = grad_rows.mul_(grad_sum).to(ctx.dtype)
-        return (grad_hidden, grad_rows) + (None,) * 10
+        return (grad_hidden, grad_rows) + (None,) * 11
 
 
 def linear_cross_entropy(hidden: torch.Tensor, trainable: torch.Tensor, weight: torch.Tensor,
                          labels: torch.Tensor, vocab_start: int, true_vocab_size: int,
                          trainable_span: tuple[int, int], token_weights: torch.Tensor | None = None,
-                         ignore_index: int = -100, z_loss: float = 0.0, group=None,
+                         ignore_index: int = -100, z_loss: float = 0.0, group=None, reduce_hidden_grad: bool = True,
                          chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ token_weights · loss, per-token losses [N]) for hidden [N, H] against this rank's weight
     slice [V_local, H]; only the sum carries gradients.
@@ -183,10 +184,11 @@ def linear_cross_entropy(hidden: torch.Tensor, trainable: torch.Tensor, weight: 
     ``labels`` are global ids; ``ignore_index`` tokens get loss 0 and no gradient; ids at or above
     ``true_vocab_size`` (TP padding) are excluded from the softmax. ``token_weights`` default to 1
     (the loss mask, typically). ``chunk`` tokens are processed at a time (default: ``chunk_tokens``).
-    Collective over ``group``.
+    Collective over ``group``; the hidden states' gradient is all-reduced over it unless
+    ``reduce_hidden_grad`` is false (sequence parallelism: the caller's gather reduce-scatters it).
     """
     if token_weights is None:
         token_weights = torch.ones_like(labels, dtype=torch.float32)
     return _LinearCrossEntropy.apply(hidden, trainable, weight.detach(), labels, token_weights.detach(), vocab_start,
-                                     true_vocab_size, trainable_span, ignore_index, z_loss, group,
+                                     true_vocab_size, trainable_span, ignore_index, z_loss, group, reduce_hidden_grad,
                                      chunk or chunk_tokens(hidden.shape[0]))

@@ -15,6 +15,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.fused_vocab import fused_loss
@@ -37,8 +38,22 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(use_transformer_engine: bool | None = None, per_document_attention: bool = False):
-    """TE's fused layers when importable, megatron-core's local (torch) layers otherwise.
+class RMSNorm(torch.nn.RMSNorm):
+    """The local spec's norm: torch's RMSNorm in the model's dtype, usable with sequence parallelism.
+
+    megatron-core's own torch norm refuses sequence parallelism. Under it each TP rank normalizes
+    its part of the sequence, so the weight's gradient is partial: the ``sequence_parallel`` mark
+    makes megatron-core's ``finalize_model_grads`` all-reduce it over the TP group, as TE's norms are."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused) -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(config, use_transformer_engine: bool | None = None,
+               per_document_attention: bool = False) -> TransformerBlockSubmodules:
+    """This pipeline stage's transformer block: TE's fused layers when importable, megatron-core's
+    local (torch) layers with ``RMSNorm`` otherwise.
 
     With ``per_document_attention`` self-attention takes the mask it is given (``arbitrary``);
     a causal layer may ignore it (TE's and the fused softmax's causal kernels do)."""
@@ -46,14 +61,16 @@ def layer_spec(use_transformer_engine: bool | None = None, per_document_attentio
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         log.info("layer spec: TransformerEngine")
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
+        from megatron.core.extensions.transformer_engine import TENorm
+        final_norm = TENorm
     else:
         log.info("layer spec: megatron-core local (TransformerEngine not available)")
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = final_norm = RMSNorm
     if per_document_attention:
-        spec = copy.deepcopy(spec)
         spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
-    return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=final_norm)
 
 
 def unwrap(model: torch.nn.Module) -> "LlamaGPTModel":
@@ -150,7 +167,7 @@ def build_llama(arch: LlamaArchitecture, params_dtype: torch.dtype = torch.float
         if use_transformer_engine is None and transformer_engine_available():
             log.info("LoRA: megatron-core local layer spec (TransformerEngine's fused layers take no adapters)")
         use_transformer_engine = False
-    spec = layer_spec(use_transformer_engine, per_document_attention)
+    spec = layer_spec(config, use_transformer_engine, per_document_attention)
     model = LlamaGPTModel(arch, config, spec, seq_length, vocab)
     if lora is not None:
         add_lora(model, lora)

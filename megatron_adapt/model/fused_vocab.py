@@ -83,5 +83,6 @@ def fused_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
     loss_sum, _ = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), trainable, table, labels.reshape(-1),
                                        layer.vocab_start, model.true_vocab_size, span, token_weights=mask.reshape(-1),
-                                       group=parallel_state.get_tensor_model_parallel_group())
+                                       group=parallel_state.get_tensor_model_parallel_group(),
+                                       reduce_hidden_grad=not model.output_layer.sequence_parallel)
     return loss_sum, mask.sum().to(torch.int)

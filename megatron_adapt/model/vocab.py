@@ -22,7 +22,8 @@ A ``VocabLayout`` says what they do:
   rows, buffers on both stages, never move.
 - **Fused**: the embedding looks its ids up with ``kernels.embedding.vocab_embedding`` over the
   two tables (no gradient for the frozen one), and the output layer hands the final hidden states
-  on instead of logits; ``LlamaGPTModel.loss_sum`` then applies the output weight inside
+  on instead of logits (gathered along the sequence under sequence parallelism);
+  ``LlamaGPTModel.loss_sum`` then applies the output weight inside
   ``kernels.linear_cross_entropy`` (no [tokens, vocab] logits tensor).
 """
 
@@ -36,6 +37,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
@@ -159,8 +161,6 @@ class VocabOutput(VocabRows, ColumnParallelLinear):
     to apply the weight together with the cross entropy."""
 
     def _adopt(self, layout: VocabLayout, true_vocab_size: int, table: VocabEmbedding | None = None) -> None:
-        if layout.fused and self.sequence_parallel:
-            raise ValueError("the fused output loss does not take sequence-parallel hidden states")
         self.__dict__["_table"] = table  # not a submodule: the embedding stays the embedding's
         if table is None:
             super()._adopt(layout, true_vocab_size)
@@ -177,6 +177,10 @@ class VocabOutput(VocabRows, ColumnParallelLinear):
         # trainable Parameter (for its gradient all-reduce), so the table is read here instead.
         if not self.fused:
             return super().forward(input_, self.table.weight, runtime_gather_output)
+        if self.sequence_parallel:
+            # The loss takes the whole sequence, as megatron-core's layer does; the backward
+            # reduce-scatters the hidden states' gradient, which the fused loss leaves unreduced.
+            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=self.tp_group)
         return input_, None
 
 

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from megatron_adapt.model.freeze import FreezePolicy
@@ -39,6 +40,9 @@ class ModelConfig:
     fused_vocab: bool = True
     """Embedding lookup and output loss through the fused kernels (no logits tensor, gradient
     only for trainable rows) where the device has them; false: megatron-core's own layers."""
+    attention_backend: Literal["auto", "flash", "fused", "unfused"] = "auto"
+    """TransformerEngine's attention kernel (Megatron-LM's --attention-backend): auto lets TE pick
+    per shape and mask; ignored on megatron-core's local spec."""
 
 
 @dataclasses.dataclass
@@ -61,6 +65,24 @@ class DataConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    sequence_parallel: bool = False
+    """Split the norms' and dropouts' activations along the sequence over the TP group (Megatron-LM's
+    --sequence-parallel): activation memory / TP, all-reduces become all-gather + reduce-scatter.
+    Megatron-LM turns it off at TP=1, and so does this."""
+
+
+@dataclasses.dataclass
+class DDPConfig:
+    """megatron-core's DistributedDataParallel (gradient buckets over the data-parallel group)."""
+
+    overlap_grad_reduce: bool = False
+    """Reduce each gradient bucket as soon as the backward pass has filled it, during the rest of
+    the backward pass (Megatron-LM's --overlap-grad-reduce)."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: gather the updated parameters bucket by bucket during the
+    next forward pass (--overlap-param-gather). Off on machines without that optimizer."""
+    bucket_size: int | None = None
+    """Elements per gradient bucket; None: megatron-core's default (40M, or one bucket without overlap)."""
 
 
 @dataclasses.dataclass
@@ -95,6 +117,9 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation (Megatron-LM's --recompute-granularity): selective recomputes the
     attention core, full recomputes every layer's forward in the backward pass."""
+    gradient_accumulation_fusion: bool = False
+    """Accumulate weight gradients straight into the fp32 gradient buffer in the GEMM (Megatron-LM's
+    --gradient-accumulation-fusion); needs apex's fused_weight_gradient_mlp_cuda, off without."""
     peak_tflops: float = 989.0
     """Per-device dense bf16 peak used for MFU (H100 SXM: 989)."""
 
@@ -121,6 +146,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    ddp: DDPConfig = dataclasses.field(default_factory=DDPConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -144,6 +170,11 @@ class Config:
         if lora is not None and train_what == "all":
             raise ConfigError("train.lora: the base weights stay frozen under LoRA; set train.freeze.train to "
                               "none (adapters only), new_vocab_rows, new_input_rows, new_output_rows or vocab")
+        if lora is not None and self.parallel.sequence_parallel and self.parallel.tp > 1:
+            raise ConfigError("parallel.sequence_parallel: not supported with train.lora (the adapters take "
+                              "the whole sequence); set it false")
+        if self.ddp.bucket_size is not None and self.ddp.bucket_size <= 0:
+            raise ConfigError(f"ddp.bucket_size={self.ddp.bucket_size} must be positive (or null for the default)")
         if lora is None and train_what == "none":
             raise ConfigError("train.freeze.train=none trains nothing without train.lora")
         o = self.optim
@@ -157,13 +188,35 @@ class Config:
 
 
 def transformer_overrides(config: Config) -> dict[str, Any]:
-    """The megatron-core TransformerConfig fields set by the run's memory settings."""
-    out: dict[str, Any] = {}
+    """The megatron-core TransformerConfig fields set by the run's performance settings, as far as
+    this machine has what they need."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    # calculate_per_token_loss: a step's gradient is that of the mean loss over the global batch's
+    # target tokens; megatron-core's default averages per micro-batch means, which weights tokens
+    # by how the batch was split into micro-batches and DP ranks once loss masks differ in length.
+    out: dict[str, Any] = {"calculate_per_token_loss": True,
+                           "sequence_parallel": config.parallel.sequence_parallel and config.parallel.tp > 1,
+                           "attention_backend": AttnBackend[config.model.attention_backend],
+                           "gradient_accumulation_fusion": config.train.gradient_accumulation_fusion
+                           and gradient_accumulation_fusion_available()}
     if config.train.recompute == "selective":
         out["recompute_granularity"] = "selective"
     elif config.train.recompute == "full":
         out |= {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     return out
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """megatron-core's linear layers accumulate in the GEMM with apex's CUDA extension (and refuse
+    the setting without it)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:

@@ -9,7 +9,7 @@ import math
 import torch
 from megatron.core import parallel_state
 
-from megatron_adapt.distributed import data_parallel_mean
+from megatron_adapt.distributed import data_parallel_loss
 from megatron_adapt.training.config import Config
 from megatron_adapt.training.data import micro_batches
 from megatron_adapt.training.step import forward_backward
@@ -34,7 +34,7 @@ def evaluate(model, valid_sets: dict, config: Config, iteration: int,
                 batches = micro_batches(dataset, start, gbs, config.train.micro_batch_size, dp_rank, dp_size)
                 losses.append(forward_backward(model, batches, forward_only=True))
             if losses[0] is not None:
-                loss = data_parallel_mean(sum(losses) / len(losses))
+                loss = data_parallel_loss(sum(losses[1:], losses[0]))
                 out[f"valid_loss/{group}"] = loss
                 if bytes_per_token and group in bytes_per_token:
                     out[f"valid_bpb/{group}"] = loss / math.log(2) / bytes_per_token[group]

@@ -85,12 +85,11 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
         optimizer.zero_grad()
         loss = forward_backward(model, micro_batches(train_set, consumed, gbs, config.train.micro_batch_size,
                                                      dp_rank, dp_size))
-        finalize_model_grads([model])
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=gbs)
         consumed, iteration = consumed + gbs, iteration + 1
         if iteration % config.train.log_interval == 0 or iteration == steps:
-            metrics = {"loss": distributed.data_parallel_mean(loss), "lr": optimizer.param_groups[0]["lr"],
+            metrics = {"loss": distributed.data_parallel_loss(loss), "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": float(grad_norm or 0.0)}
             metrics |= throughput.report(iteration - reported, time.time())
             reported = iteration
@@ -126,11 +125,25 @@ def _build_model(config: Config, plan: RunPlan) -> DistributedDataParallel:
             _load_hf_start(model, config, plan)
         else:
             train_state.load(plan.start, model)
-    log.info("activation recomputation: %s", model.config.recompute_granularity or "none")
     apply_freeze_policy(model, config.train.freeze)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    d = config.ddp
+    gather = d.overlap_param_gather and plan.distributed_optimizer
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=d.overlap_grad_reduce,
+                                               overlap_param_gather=gather, bucket_size=d.bucket_size,
                                                use_distributed_optimizer=plan.distributed_optimizer)
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    # The schedule finishes the gradients (DP reduction, tied and sequence-parallel all-reduces, the
+    # division by the step's target tokens); with overlap it holds the reduction until the last micro-batch.
+    model.config.finalize_model_grads_func = finalize_model_grads
+    if d.overlap_grad_reduce:
+        model.config.no_sync_func = ddp.no_sync
+    c = model.config
+    log.info("performance: sequence parallel %s, recompute %s, attention backend %s, gradient accumulation "
+             "fusion %s, overlap grad reduce %s, overlap param gather %s%s", c.sequence_parallel,
+             c.recompute_granularity or "none", c.attention_backend.name, c.gradient_accumulation_fusion,
+             d.overlap_grad_reduce, gather, " (needs the distributed optimizer)" if d.overlap_param_gather and
+             not gather else "")
+    return ddp
 
 
 def _load_hf_start(model: LlamaGPTModel, config: Config, plan: RunPlan) -> None:

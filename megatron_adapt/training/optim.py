@@ -34,8 +34,9 @@ def build_optimizer(config: Config, model, params_dtype: torch.dtype, distribute
     ``optim.vocab_lr`` is megatron-core's decoupled LR: a parameter group of the parameters marked
     ``is_embedding_or_output_parameter`` (the vocabulary layers, their trainable rows included)
     with its own max/min LR, which the scheduler follows."""
-    log.info("optimizer: %s", "distributed, state sharded over DP" if distributed else
-             "state replicated over DP (the distributed optimizer needs CUDA and TransformerEngine or apex)")
+    log.info("optimizer: %s; %s parameters%s", "distributed, state sharded over DP" if distributed else
+             "state replicated over DP (the distributed optimizer needs CUDA and TransformerEngine or apex)",
+             str(params_dtype).removeprefix("torch."), " with fp32 master weights" if config.optim.bf16 else "")
     o = config.optim
     return get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,

@@ -9,7 +9,7 @@ calls the same function; only the last stage computes a loss.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from megatron.core import parallel_state
@@ -53,11 +53,25 @@ def _forward_step(on_logits: Callable | None, data_iterator: Iterable, model):
     return output, functools.partial(_loss_func, model, batch, on_logits)
 
 
+class StepLoss(NamedTuple):
+    """The loss of some micro-batches: the sum over their target tokens, and how many there were."""
+
+    total: float
+    tokens: float
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.tokens, 1.0)
+
+    def __add__(self, other: "StepLoss") -> "StepLoss":
+        return StepLoss(self.total + other.total, self.tokens + other.tokens)
+
+
 def forward_backward(model, batches: list[dict[str, torch.Tensor]], forward_only: bool = False,
-                     on_logits: Callable[[torch.Tensor], None] | None = None) -> float | None:
+                     on_logits: Callable[[torch.Tensor], None] | None = None) -> StepLoss | None:
     """Run the schedule over ``batches`` (one per micro-batch); gradients accumulate in the model.
 
-    Returns the token-weighted mean loss on the last pipeline stage, None elsewhere.
+    Returns the loss on the last pipeline stage, None elsewhere (one host sync per call).
     ``on_logits`` receives each micro-batch's vocab-parallel logits (last stage), for inspection.
     """
     micro_batch_size, seq_length = batches[0]["tokens"].shape
@@ -72,5 +86,5 @@ def forward_backward(model, batches: list[dict[str, torch.Tensor]], forward_only
     )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    total = torch.stack([d["lm_loss"] for d in losses]).sum(0)
-    return (total[0] / total[1]).item()
+    total, tokens = torch.stack([d["lm_loss"] for d in losses]).sum(0).tolist()
+    return StepLoss(total, tokens)

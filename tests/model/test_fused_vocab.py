@@ -1,11 +1,12 @@
 """The fused vocabulary kernels in the model give megatron-core's losses and gradients, for
 stage 1 (added rows only, boundary inside a rank's slice) and stage 2, at TP=2 and PP=2, with
-separate and with tied embedding and output weights."""
+separate and with tied embedding and output weights, with and without sequence parallelism."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from megatron.core import parallel_state
 
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
@@ -18,43 +19,56 @@ from tests.multiprocess import run_ranks
 VOCAB, BASE, SEQ = 300, 200, 16  # TP=2 pads to 512 rows: rank 0 holds 0..255, so new rows start inside it
 
 
-def _rank_compare(policy: str, tied: bool) -> dict:
+def _rank_compare(policy: str, tied: bool, sequence_parallel: bool) -> dict:
+    """Losses and gradients of megatron-core's path, then the fused one, then (with sequence
+    parallelism) megatron-core's path under it, all from the same weights."""
     arch = LlamaArchitecture(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
     torch.manual_seed(0)
     freeze = FreezePolicy(train=policy)
-    reference = build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE))
-    fused = build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE, fused=True))
-    fused.load_state_dict(reference.state_dict())
-    for model in (reference, fused):
-        apply_freeze_policy(model, freeze)
+    sp = {"sequence_parallel": sequence_parallel}
+    models = [build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE)),
+              build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE, fused=True), **sp)]
+    if sequence_parallel:
+        models.append(build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE), **sp))
     gen = torch.Generator().manual_seed(1)
     batches = [{"tokens": torch.randint(0, VOCAB, (2, SEQ), generator=gen),
                 "labels": torch.randint(0, VOCAB, (2, SEQ), generator=gen),
                 "loss_mask": (torch.rand(2, SEQ, generator=gen) > 0.2).long()} for _ in range(2)]
-    losses = [forward_backward(model, batches) for model in (reference, fused)]
-    grads = [export_hf_state(model, use_grad=True) for model in (reference, fused)]
+    losses, grads = [], []
+    for model in models:
+        model.load_state_dict(models[0].state_dict())
+        apply_freeze_policy(model, freeze)
+        loss = forward_backward(model, batches)
+        losses.append(loss.mean if loss else None)
+        for param in model.parameters():  # as megatron-core's finalize_model_grads sums them over TP
+            if param.grad is not None and getattr(param, "sequence_parallel", False) and model.config.sequence_parallel:
+                torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+        grads.append(export_hf_state(model, use_grad=True))
     return {"losses": losses, "grads": grads}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("policy,tp,pp,tied", [
-    ("new_vocab_rows", 2, 1, False), ("all", 2, 1, False), ("new_vocab_rows", 1, 2, False),
-    ("new_vocab_rows", 2, 1, True), ("all", 1, 2, True)])
-def test_fused_equals_megatron_core(policy, tp, pp, tied):
-    """Tied at TP=2 on one stage: the one table's gradient sums the lookup's and the loss's."""
-    for rank, r in enumerate(run_ranks(_rank_compare, policy, tied, tp=tp, pp=pp)):
-        ref_loss, fused_loss = r["losses"]
-        if ref_loss is not None:
-            assert abs(fused_loss - ref_loss) <= 1e-5 * abs(ref_loss), f"rank {rank}: loss {fused_loss} vs {ref_loss}"
-        ref_grads, fused_grads = r["grads"]
-        assert set(ref_grads) == set(fused_grads)
-        for name, expected in ref_grads.items():
-            got = fused_grads[name]
-            err = ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-            assert err <= 1e-5, f"rank {rank}: gradient of {name} differs by {err:.2e}"
-            if policy == "new_vocab_rows" and name in ("model.embed_tokens.weight", "lm_head.weight"):
-                assert got[:BASE].abs().max() == 0, f"rank {rank}: {name} base rows got a gradient"
+@pytest.mark.parametrize("policy,tp,pp,tied,sp", [
+    ("new_vocab_rows", 2, 1, False, False), ("all", 2, 1, False, False), ("new_vocab_rows", 1, 2, False, False),
+    ("new_vocab_rows", 2, 1, True, False), ("all", 1, 2, True, False),
+    ("new_vocab_rows", 2, 1, False, True), ("all", 2, 1, True, True)])
+def test_fused_equals_megatron_core(policy, tp, pp, tied, sp):
+    """Tied at TP=2 on one stage: the one table's gradient sums the lookup's and the loss's. With
+    sequence parallelism the fused layers gather and scatter along the sequence as megatron-core's do."""
+    names = ["fused", "megatron-core with sequence parallelism"]
+    for rank, r in enumerate(run_ranks(_rank_compare, policy, tied, sp, tp=tp, pp=pp)):
+        (ref_loss, *losses), (ref_grads, *grads) = r["losses"], r["grads"]
+        for name, loss, model_grads in zip(names, losses, grads):
+            if ref_loss is not None:
+                assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"rank {rank}: {name} loss {loss} vs {ref_loss}"
+            assert set(ref_grads) == set(model_grads)
+            for param, expected in ref_grads.items():
+                got = model_grads[param]
+                err = ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+                assert err <= 1e-5, f"rank {rank}: {name}: gradient of {param} differs by {err:.2e}"
+                if policy == "new_vocab_rows" and param in ("model.embed_tokens.weight", "lm_head.weight"):
+                    assert got[:BASE].abs().max() == 0, f"rank {rank}: {name}: {param} base rows got a gradient"
 
 
 def test_self_check_passes_on_the_cpu_kernels():

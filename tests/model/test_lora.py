@@ -71,7 +71,7 @@ def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels) -> d
     grads = {k: v for k, v in export_hf_state(model, use_grad=True).items() if "lora_" in k}
     base_grads = [n for n, p in model.named_parameters() if ".lora." not in n and p.grad is not None]
     last = parallel_state.is_pipeline_last_stage()
-    return dict(loss=loss, logits=torch.cat(captured)[..., :VOCAB] if last else None, grads=grads,
+    return dict(loss=loss.mean if loss else None, logits=torch.cat(captured)[..., :VOCAB] if last else None, grads=grads,
                 base_grads=base_grads)
 
 

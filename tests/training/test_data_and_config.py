@@ -225,3 +225,28 @@ def test_vocab_lr_keys(recipe):
         load_config(recipe / "config.yaml", ["optim.vocab_lr=fast"])
     with pytest.raises(ConfigError, match="optim.vocab_lr=1e-05 must be at least"):
         load_config(recipe / "config.yaml", ["optim.vocab_lr=1e-5", "optim.vocab_min_lr=1e-4"])
+
+
+def test_performance_keys_reach_megatron_core(recipe):
+    """Megatron-LM's names; what this machine cannot do (gradient-accumulation fusion needs apex's
+    CUDA kernel) is turned off rather than failing inside megatron-core; SP is off at TP=1 as there."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_adapt.training.config import transformer_overrides
+
+    sets = ["parallel.sequence_parallel=true", "train.recompute=selective", "model.attention_backend=flash",
+            "train.gradient_accumulation_fusion=true", "ddp.overlap_grad_reduce=true", "ddp.bucket_size=40000000"]
+    config = load_config(recipe / "config.yaml", sets)
+    overrides = transformer_overrides(config)
+    assert overrides["sequence_parallel"] is True and overrides["recompute_granularity"] == "selective"
+    assert overrides["attention_backend"] is AttnBackend.flash and overrides["calculate_per_token_loss"] is True
+    assert overrides["gradient_accumulation_fusion"] is False, "no apex kernel on a CPU machine"
+    assert (config.ddp.overlap_grad_reduce, config.ddp.bucket_size) == (True, 40_000_000)
+    assert transformer_overrides(load_config(recipe / "config.yaml", sets + ["parallel.tp=1"]))["sequence_parallel"] is False
+    with pytest.raises(ConfigError, match="model.attention_backend: 'cudnn' is not one of auto, flash, fused, unfused"):
+        load_config(recipe / "config.yaml", ["model.attention_backend=cudnn"])
+    with pytest.raises(ConfigError, match="ddp.bucket_size=0 must be positive"):
+        load_config(recipe / "config.yaml", ["ddp.bucket_size=0"])
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel: not supported with train.lora"):
+        load_config(recipe / "config.yaml", ["parallel.sequence_parallel=true", "train.lora={rank: 4}",
+                                             "train.freeze={train: none}"])
