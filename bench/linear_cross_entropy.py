@@ -2,7 +2,7 @@
 
     python bench/linear_cross_entropy.py                      # CPU: the C++ op, fp32
     python bench/linear_cross_entropy.py --device cuda --dtype bf16 --hidden 4096 \\
-        --tokens 8192 16384 32768                              # GPU: the Triton kernels (+ Liger if installed)
+        --tokens 8192 16384 32768                              # GPU: the Triton kernels (+ Liger, CCE if installed)
 
 Each variant runs in a fresh process. Extra memory is what one forward + backward adds on top of
 its inputs and parameters (gradients included): on CUDA ``max_memory_allocated`` above the
@@ -10,8 +10,8 @@ allocation before the step, on CPU the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs) above its RSS before the step. Working memory is extra memory less the
 gradients the step returns (hidden states' and the weight rows'), which every path must hold.
 Time is the median of --repeats steps after one warm-up. "stage1" computes the weight gradient
-for the last --trainable rows only (the added vocabulary), "stage2" for all rows; the unfused path
-and Liger always compute all rows.
+for the last --trainable rows only (the added vocabulary), "stage2" for all rows; the unfused path,
+Liger-Kernel and Apple's cut-cross-entropy (cce) always compute all rows.
 """
 
 from __future__ import annotations
@@ -58,12 +58,16 @@ def child(variant: str, n: int, h: int, v: int, trainable: int, repeats: int, de
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
         liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    elif variant == "cce":
+        from cut_cross_entropy import linear_cross_entropy as cce
 
     def step() -> None:
         if variant == "unfused":
             loss = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
         elif variant == "liger":
             loss = liger(weight, hidden, labels)
+        elif variant == "cce":
+            loss = cce(hidden, weight, labels, reduction="sum")
         else:
             loss, _ = linear_cross_entropy(hidden, param, weight, labels, 0, v, span, chunk=chunk)
         loss.backward()
@@ -111,12 +115,13 @@ def main() -> None:
                      args.device, args.dtype, args.chunk)
     variants = ["unfused", "fused-stage2", "fused-stage1"]
     if args.device == "cuda":
-        try:
-            import liger_kernel  # noqa: F401
-
-            variants.append("liger")
-        except ImportError:
-            print("Liger-Kernel not installed: no Liger row")
+        for variant, module, name in (("liger", "liger_kernel", "Liger-Kernel"), ("cce", "cut_cross_entropy",
+                                                                                  "Apple's cut-cross-entropy")):
+            try:
+                __import__(module)
+                variants.append(variant)
+            except ImportError:
+                print(f"{name} not installed: no {variant} row")
     print(f"H={args.hidden} V={args.vocab} (trainable {args.trainable}), {args.dtype} on {args.device}")
     print(f"{'tokens':>7} {'variant':14}{'fwd+bwd ms':>12}{'extra MiB':>11}{'working MiB':>13}"
           f"{'time vs unfused':>17}{'working vs unfused':>20}")

@@ -171,4 +171,6 @@ def build_llama(arch: LlamaArchitecture, params_dtype: torch.dtype = torch.float
     model = LlamaGPTModel(arch, config, spec, seq_length, vocab)
     if lora is not None:
         add_lora(model, lora)
+    if torch.cuda.is_available():  # megatron-core initialized on the GPU; torch modules (norms) were not
+        model.cuda(torch.cuda.current_device())
     return model

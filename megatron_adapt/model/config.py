@@ -148,7 +148,7 @@ class LlamaArchitecture:
             tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
             params_dtype=params_dtype, pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-            use_cpu_initialization=True,
+            use_cpu_initialization=not torch.cuda.is_available(),  # on GPUs straight into device memory
         )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)

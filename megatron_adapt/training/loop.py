@@ -65,7 +65,7 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.get_rank() == 0:
         (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    model = _build_model(config, plan)
+    model = build_model(config, plan)
     optimizer = build_optimizer(config, model, plan.params_dtype, plan.distributed_optimizer)
     scheduler = build_scheduler(config, optimizer)
     iteration, consumed, gbs, steps = 0, 0, config.train.global_batch_size, config.train.steps
@@ -109,8 +109,9 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     return metrics
 
 
-def _build_model(config: Config, plan: RunPlan) -> DistributedDataParallel:
-    """This rank's model with its start weights, what trains set, in megatron-core's DDP wrapper."""
+def build_model(config: Config, plan: RunPlan, load_weights: bool = True) -> DistributedDataParallel:
+    """This rank's model with its start weights (random ones without ``load_weights``: benchmarks),
+    what trains set, in megatron-core's DDP wrapper."""
     fused = config.model.fused_vocab and fused_vocab_supported(plan.params_dtype)
     if config.model.fused_vocab and not fused:
         log.info("fused vocabulary kernels not used: they take CUDA tensors or float32 CPU tensors")
@@ -120,7 +121,7 @@ def _build_model(config: Config, plan: RunPlan) -> DistributedDataParallel:
                         **transformer_overrides(config))
     # A resume restores every weight, except under LoRA: its checkpoints hold the adapters and
     # vocabulary tables, the frozen base comes from where the run started.
-    if not plan.resuming or config.train.lora is not None:
+    if load_weights and (not plan.resuming or config.train.lora is not None):
         if plan.start is None:
             _load_hf_start(model, config, plan)
         else:

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU acceptance on any machine with one or more NVIDIA GPUs, in one command:
+#
+#   bash launch/gpu_check.sh [RESULTS_DIR]        # default results/gpu_check-<hostname>
+#
+# 1. set-up: ./.venv-gpu with a CUDA build of PyTorch (TORCH_SPEC, default: the registry's torch),
+#    megatron-adapt with its test extras, and where installable TransformerEngine, Liger-Kernel and
+#    Apple's cut-cross-entropy (each optional; what is missing is said). PYTHON=/path/to/python with
+#    SETUP=0 uses an existing environment instead (one that already holds torch with CUDA).
+# 2. the GPU tests (pytest -m gpu): Triton kernels vs references, fused model vs megatron-core's
+#    layers, short stage-1 and stage-2 runs with a resume;
+# 3. the kernel benchmark: fused linear+CE vs unfused (and Liger) at H=4096, V=48000, bf16;
+# 4. the throughput runs: 7B-shaped stage 1, ~1B stage 2 and stage 1 on one GPU (tokens/s/GPU,
+#    TFLOP/s, MFU).
+# Everything lands in RESULTS_DIR, with gpu_check.json summing it up. Without a GPU it says so
+# and exits 0 having run nothing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-results/gpu_check-$(hostname)}
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_check: no NVIDIA GPU on this machine (nvidia-smi finds none); nothing was run."
+    exit 0
+fi
+mkdir -p "$OUT"
+nvidia-smi -L | tee "$OUT/gpus.txt"
+
+if [ "${SETUP:-1}" = 1 ]; then
+    PYTHON_BASE=${PYTHON:-python3}
+    [ -x .venv-gpu/bin/python ] || "$PYTHON_BASE" -m venv .venv-gpu
+    PYTHON=.venv-gpu/bin/python
+    $PYTHON -m pip install -q --upgrade pip
+    $PYTHON -c "import torch; assert torch.cuda.is_available()" 2>/dev/null \
+        || $PYTHON -m pip install -q "${TORCH_SPEC:-torch}" || { echo "gpu_check: could not install torch"; exit 1; }
+    $PYTHON -m pip install -q -e ".[test]" || { echo "gpu_check: could not install megatron-adapt"; exit 1; }
+    for optional in "transformer-engine[pytorch]" liger-kernel cut-cross-entropy; do
+        $PYTHON -m pip install -q --no-build-isolation "$optional" >"$OUT/install-${optional%%\[*}.log" 2>&1 \
+            && echo "installed $optional" || echo "not installable here: $optional (see $OUT/install-${optional%%\[*}.log)"
+    done
+else
+    PYTHON=${PYTHON:-python3}
+fi
+$PYTHON - <<'EOF' | tee "$OUT/environment.txt"
+import importlib, torch
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPUs", torch.cuda.device_count(), torch.cuda.get_device_name())
+for name in ("megatron.core", "transformer_engine", "apex", "triton", "liger_kernel", "cut_cross_entropy"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "present"))
+    except Exception as error:
+        print(name, "absent:", type(error).__name__)
+EOF
+
+export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1 WANDB_MODE=disabled
+$PYTHON -m pytest -m gpu tests/gpu -q -rA --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+TESTS=${PIPESTATUS[0]}
+$PYTHON bench/linear_cross_entropy.py --device cuda --dtype bf16 --hidden 4096 --vocab 48000 \
+    --tokens 8192 16384 32768 --json "$OUT/linear_cross_entropy.json" 2>&1 | tee "$OUT/linear_cross_entropy.log"
+KERNELS=${PIPESTATUS[0]}
+$PYTHON bench/training_throughput.py --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
+THROUGHPUT=${PIPESTATUS[0]}
+
+$PYTHON - "$OUT" "$TESTS" "$KERNELS" "$THROUGHPUT" <<'EOF'
+import json, sys, pathlib, torch
+out, tests, kernels, throughput = pathlib.Path(sys.argv[1]), *map(int, sys.argv[2:])
+def load(name):
+    path = out / name
+    return json.loads(path.read_text()) if path.exists() else None
+summary = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+           "tests_exit_code": tests, "kernel_benchmark_exit_code": kernels, "throughput_exit_code": throughput,
+           "linear_cross_entropy": load("linear_cross_entropy.json"), "throughput": load("throughput.json")}
+(out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+print(f"gpu_check: tests exit {tests}, kernel benchmark exit {kernels}, throughput exit {throughput}; "
+      f"results in {out}/gpu_check.json")
+EOF
+[ "$TESTS" = 0 ] && [ "$KERNELS" = 0 ] && [ "$THROUGHPUT" = 0 ]

@@ -1,0 +1,98 @@
+"""The GPU path on a real NVIDIA GPU: the Triton kernels against references, the fused model
+against megatron-core's layers, and short training runs with a resume.
+
+Run by ``launch/gpu_check.sh`` (``pytest -m gpu``); on a machine without a GPU every test here is
+skipped with that reason — their CPU counterparts (C++ kernels, gloo runs) are in the other folders.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (launch/gpu_check.sh)")]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_kernels_match_float64_references(dtype):
+    """The check a training run makes at start-up before it relies on the kernels."""
+    from megatron_adapt.model.fused_vocab import self_check
+
+    assert self_check("cuda", DTYPES[dtype]) is None
+
+
+@pytest.mark.parametrize("tokens,vocab", [(16384, 48000), (32768, 128256)])
+def test_linear_cross_entropy_at_training_sizes(tokens, vocab):
+    """Launch grids at the sizes a 7B run uses (16k-32k tokens per micro-batch, 48k-128k rows):
+    bf16 inputs, compared with the unfused product and cross entropy in float32 from the same inputs
+    (logits of 32k × 128k tokens in fp32 are 16 GiB: the reference runs in token chunks)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = (torch.randn(tokens, 512, device="cuda", generator=gen) * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, 512, device="cuda", generator=gen) * 0.05).bfloat16()
+    labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    rows = weight[vocab - 16000:].clone().requires_grad_()
+    loss_sum, losses = linear_cross_entropy(hidden, rows, weight, labels, 0, vocab, (vocab - 16000, vocab))
+    loss_sum.backward()
+    expected_losses, expected_hidden_grad = [], []
+    weight32, rows32 = weight.float(), rows.detach().float().requires_grad_()
+    for part in range(0, tokens, 4096):
+        h = hidden.detach()[part:part + 4096].float().requires_grad_()
+        full = torch.cat([weight32[:vocab - 16000], rows32])
+        loss = linear_cross_entropy_reference(h, full, labels[part:part + 4096], vocab)
+        loss.sum().backward()
+        expected_losses.append(loss.detach())
+        expected_hidden_grad.append(h.grad)
+    expected_losses, expected_hidden_grad = torch.cat(expected_losses), torch.cat(expected_hidden_grad)
+
+    def rel(got, want):
+        return ((got.float() - want).norm() / want.norm()).item()
+
+    # bf16 logits (as the unfused bf16 path has them) round each by up to 2^-9 of its size.
+    assert rel(losses, expected_losses) <= 1e-2, "per-token losses"
+    assert rel(hidden.grad, expected_hidden_grad) <= 2e-2, "hidden-state gradient"
+    assert rel(rows.grad, rows32.grad) <= 2e-2, "trainable rows' gradient"
+
+
+@pytest.mark.parametrize("policy,tied", [("new_vocab_rows", False), ("all", True)])
+def test_fused_model_equals_megatron_core_on_the_gpu(policy, tied):
+    """The model-level comparison of tests/model/test_fused_vocab.py, on CUDA with NCCL."""
+    from tests.model.test_fused_vocab import _rank_compare
+    from tests.multiprocess import run_ranks
+
+    (result,) = run_ranks(_rank_compare, policy, tied, False)
+    (ref_loss, fused_loss), (ref_grads, fused_grads) = result["losses"], result["grads"]
+    assert abs(fused_loss - ref_loss) <= 1e-4 * abs(ref_loss), f"loss {fused_loss} vs {ref_loss}"
+    for name, expected in ref_grads.items():
+        err = ((fused_grads[name].float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+        assert err <= 1e-4, f"gradient of {name} differs by {err:.2e}"
+
+
+# CUDA's embedding backward adds rows with atomics, so a rerun is equal up to float rounding, not bit for bit.
+GPU_RESUME_TOLERANCE = 1e-3
+
+
+@pytest.mark.parametrize("stage,bf16", [("new_vocab_rows", True), ("all", True), ("all", False)])
+def test_short_run_on_the_gpu_resumes(recipe, tmp_path, stage, bf16):
+    """Stage 1 and stage 2 on one GPU (bf16 with fp32 master weights, and fp32), stopped by
+    SIGTERM and resumed, against an uninterrupted run."""
+    from tests.training.test_resume import _losses, _run
+
+    sets = [f"train.freeze={{train: {stage}}}", f"optim.bf16={str(bf16).lower()}", "parallel.tp=1"]
+    reference = tmp_path / "reference"
+    log = _run(recipe, reference, 1, *sets)
+    assert "fused kernels, Triton" in log, "the fused vocabulary kernels were not used on the GPU"
+    expected = _losses(reference)
+    assert expected[10] < expected[1], f"the loss did not fall: {expected}"
+    run = tmp_path / "interrupted"
+    _run(recipe, run, 1, *sets, stop_after_step=4)
+    saved = int((run / "latest").read_text().strip().split("_")[1])
+    _run(recipe, run, 1, *sets)
+    got = _losses(run)
+    for step in range(saved + 1, 11):
+        assert abs(got[step] - expected[step]) <= GPU_RESUME_TOLERANCE * expected[step], \
+            f"step {step}: {got[step]} after resume vs {expected[step]}"
