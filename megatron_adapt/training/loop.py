@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -80,11 +81,20 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     throughput = _throughput(config, plan)
     metrics: dict[str, float] = {}
     reported = iteration
+    # The next step's samples are read and stacked (pinned) on a host thread while this step computes.
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+
+    def fetch(start: int):
+        return prefetch.submit(micro_batches, train_set, start, gbs, config.train.micro_batch_size, dp_rank, dp_size)
+
+    next_batches = fetch(consumed) if iteration < steps else None
     while iteration < steps:
+        batches = next_batches.result()
+        if iteration + 1 < steps:
+            next_batches = fetch(consumed + gbs)
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = forward_backward(model, micro_batches(train_set, consumed, gbs, config.train.micro_batch_size,
-                                                     dp_rank, dp_size))
+        loss = forward_backward(model, batches)
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=gbs)
         consumed, iteration = consumed + gbs, iteration + 1
@@ -103,6 +113,7 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
         if stop:
             log.warning("stopped at step %d on request; resume by running the same command", iteration)
             break
+    prefetch.shutdown(cancel_futures=True)
     if iteration == steps and dist.get_rank() == 0:
         (run_dir / "done").write_text(str(iteration))
     distributed.destroy()
