@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib
 import logging
 
 import torch
@@ -27,15 +28,20 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def transformer_engine_available() -> bool:
-    """TransformerEngine is an optional GPU acceleration; it needs CUDA to be of any use."""
+def gpu_module_available(name: str) -> bool:
+    """Whether an optional GPU acceleration (TransformerEngine, an apex kernel) can be used here:
+    importable, and CUDA present to be of any use."""
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module(name)
     except ImportError:
         return False
     return True
+
+
+def transformer_engine_available() -> bool:
+    return gpu_module_available("transformer_engine")
 
 
 class RMSNorm(torch.nn.RMSNorm):

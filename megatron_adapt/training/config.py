@@ -12,7 +12,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 
 from megatron_adapt.model.freeze import FreezePolicy
@@ -192,31 +191,23 @@ def transformer_overrides(config: Config) -> dict[str, Any]:
     this machine has what they need."""
     from megatron.core.transformer.enums import AttnBackend
 
+    from megatron_adapt.model.build import gpu_module_available
+
     # calculate_per_token_loss: a step's gradient is that of the mean loss over the global batch's
     # target tokens; megatron-core's default averages per micro-batch means, which weights tokens
     # by how the batch was split into micro-batches and DP ranks once loss masks differ in length.
     out: dict[str, Any] = {"calculate_per_token_loss": True,
                            "sequence_parallel": config.parallel.sequence_parallel and config.parallel.tp > 1,
                            "attention_backend": AttnBackend[config.model.attention_backend],
+                           # megatron-core's linears accumulate in the GEMM with apex's CUDA
+                           # extension, and refuse the setting without it
                            "gradient_accumulation_fusion": config.train.gradient_accumulation_fusion
-                           and gradient_accumulation_fusion_available()}
+                           and gpu_module_available("fused_weight_gradient_mlp_cuda")}
     if config.train.recompute == "selective":
         out["recompute_granularity"] = "selective"
     elif config.train.recompute == "full":
         out |= {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     return out
-
-
-def gradient_accumulation_fusion_available() -> bool:
-    """megatron-core's linear layers accumulate in the GEMM with apex's CUDA extension (and refuse
-    the setting without it)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import fused_weight_gradient_mlp_cuda  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
