@@ -16,6 +16,12 @@ Tensor parallelism, for an input ``x`` and adapter ``B @ A``:
   columns, and ``x_r @ A_r.T`` is all-reduced (``reduce_from_tensor_model_parallel_region``)
   before the replicated B.
 
+Under sequence parallelism the column-parallel input and the row-parallel output are this rank's
+part of the sequence: the rank-r product ``x @ A.T`` is all-gathered along the sequence (column)
+or reduce-scattered along it (row) in place of the copy and all-reduce, which moves r values per
+token instead of the hidden size's; the replicated factor then sees part of the sequence, so its
+gradient is partial and marked ``sequence_parallel`` for megatron-core to all-reduce over TP.
+
 Adapters are created full-size from a generator seeded by layer and module, then sharded, so a
 run starts from the same adapters at any TP/PP layout. B starts at zero (PEFT's default), A with
 PEFT's Kaiming-uniform.
@@ -32,7 +38,9 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
@@ -120,10 +128,14 @@ class LoraColumnParallelLinear(_LoraLinear, ColumnParallelLinear):
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         output, bias = super().forward(input_, weight, runtime_gather_output)
-        x = self._lora_input(input_, sharded=False)
+        x = self._lora_input(input_, sharded=self.sequence_parallel)
         deltas = {}
         for name, pair in self.lora.items():
-            xa = copy_to_tensor_model_parallel_region(x @ pair.A.t())
+            xa = x @ pair.A.t()
+            if self.sequence_parallel:  # gather the rank-r product, not the hidden states
+                xa = gather_from_sequence_parallel_region(xa, tensor_parallel_output_grad=True, group=self.tp_group)
+            else:
+                xa = copy_to_tensor_model_parallel_region(xa)
             deltas[name] = (xa @ pair.B.t()) * self.lora_scaling
         return output + self._fuse(deltas, output), bias
 
@@ -151,7 +163,11 @@ class LoraRowParallelLinear(_LoraLinear, RowParallelLinear):
         output, bias = super().forward(input_)
         x = self._lora_input(input_, sharded=True)
         for pair in self.lora.values():
-            xa = reduce_from_tensor_model_parallel_region(x @ pair.A.t())
+            xa = x @ pair.A.t()  # a partial sum over this rank's input columns
+            if self.sequence_parallel:  # the output is this rank's part of the sequence
+                xa = reduce_scatter_to_sequence_parallel_region(xa, group=self.tp_group)
+            else:
+                xa = reduce_from_tensor_model_parallel_region(xa)
             output = output + (xa @ pair.B.t()) * self.lora_scaling
         return output, bias
 
@@ -173,8 +189,6 @@ def _hf_sizes(arch: LlamaArchitecture) -> dict[str, tuple[int, int]]:
 
 def add_lora(model: torch.nn.Module, config: LoraConfig) -> None:
     """Give this rank's transformer layers their adapters (weights of the base layers untouched)."""
-    if model.config.sequence_parallel:
-        raise ValueError("train.lora: sequence parallelism is not supported with LoRA")
     arch: LlamaArchitecture = model.architecture
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -206,8 +220,11 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> None:
                 else:
                     a = a.chunk(tp, dim=1)[tp_rank]
                 pair = LoraPair(a.to(device).contiguous(), b.to(device).contiguous())
-                sharded = pair.B if parallel == "column" else pair.A
+                sharded, replicated = (pair.B, pair.A) if parallel == "column" else (pair.A, pair.B)
                 tensor_parallel.set_tensor_model_parallel_attributes(sharded, True, 0 if parallel == "column" else 1, 1)
+                # Under sequence parallelism the replicated factor sees this rank's part of the
+                # sequence only: megatron-core all-reduces the gradients of such parameters over TP.
+                replicated.sequence_parallel = model.config.sequence_parallel
                 module.lora[target] = pair
             if parallel == "column":
                 parts = fused_parts[linear_name]

@@ -169,9 +169,6 @@ class Config:
         if lora is not None and train_what == "all":
             raise ConfigError("train.lora: the base weights stay frozen under LoRA; set train.freeze.train to "
                               "none (adapters only), new_vocab_rows, new_input_rows, new_output_rows or vocab")
-        if lora is not None and self.parallel.sequence_parallel and self.parallel.tp > 1:
-            raise ConfigError("parallel.sequence_parallel: not supported with train.lora (the adapters take "
-                              "the whole sequence); set it false")
         if self.ddp.bucket_size is not None and self.ddp.bucket_size <= 0:
             raise ConfigError(f"ddp.bucket_size={self.ddp.bucket_size} must be positive (or null for the default)")
         if lora is None and train_what == "none":

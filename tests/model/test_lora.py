@@ -1,8 +1,9 @@
 """LoRA on megatron-core equals HF PEFT LoRA, and trains only what it should.
 
 - Same base weights, same adapters (non-zero B, so the adapters matter): megatron-core at
-  TP=2×PP=2 through its 1F1B schedule gives PEFT's ``LlamaForCausalLM`` logits and every adapter
-  gradient (fp32, ≤ 1e-4); no base weight gets a gradient.
+  TP=2×PP=2 through its 1F1B schedule, with and without sequence parallelism, gives PEFT's
+  ``LlamaForCausalLM`` logits and every adapter gradient (fp32, ≤ 1e-4); no base weight gets a
+  gradient.
 - Steps through megatron-core's DDP, gradient finalization and Adam at TP=2 with the added
   vocabulary rows training beside the adapters: every base weight (transformer and base rows)
   stays bit-identical, and optimizer state exists exactly for the adapters and the added rows on
@@ -50,7 +51,7 @@ def peft_reference(tmp_path_factory):
                 weights=base_state | adapters, grads=grads)
 
 
-def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels) -> dict:
+def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels, sequence_parallel: bool) -> dict:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -62,12 +63,16 @@ def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels) -> d
     from megatron_adapt.training.step import forward_backward
 
     arch = LlamaArchitecture.from_hf_config(hf_dir)
-    model = build_llama(arch, seq_length=SEQ, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS))
+    model = build_llama(arch, seq_length=SEQ, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS),
+                        sequence_parallel=sequence_parallel)
     load_hf_state(model, weights.__getitem__, adapters=True)
     apply_freeze_policy(model, FreezePolicy(train="none"))
     batches = [dict(tokens=tokens[i:i + 1], labels=labels[i:i + 1]) for i in range(len(tokens))]
     captured: list[torch.Tensor] = []
     loss = forward_backward(model, batches, on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
+    for param in model.parameters():  # as megatron-core's finalize_model_grads sums them over TP
+        if param.grad is not None and getattr(param, "sequence_parallel", False) and sequence_parallel:
+            torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
     grads = {k: v for k, v in export_hf_state(model, use_grad=True).items() if "lora_" in k}
     base_grads = [n for n, p in model.named_parameters() if ".lora." not in n and p.grad is not None]
     last = parallel_state.is_pipeline_last_stage()
@@ -76,10 +81,11 @@ def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels) -> d
 
 
 @pytest.mark.distributed
-def test_lora_matches_peft_at_tp2_pp2(peft_reference):
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["", "sequence-parallel"])
+def test_lora_matches_peft_at_tp2_pp2(peft_reference, sequence_parallel):
     ref = peft_reference
     results = run_ranks(_rank_lora_forward_backward, ref["dir"], ref["weights"], ref["tokens"], ref["labels"],
-                        tp=2, pp=2)
+                        sequence_parallel, tp=2, pp=2)
     last = [r for r in results if r["logits"] is not None]
     assert last, "no rank reported logits"
     for r in last:

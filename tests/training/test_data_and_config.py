@@ -247,6 +247,3 @@ def test_performance_keys_reach_megatron_core(recipe):
         load_config(recipe / "config.yaml", ["model.attention_backend=cudnn"])
     with pytest.raises(ConfigError, match="ddp.bucket_size=0 must be positive"):
         load_config(recipe / "config.yaml", ["ddp.bucket_size=0"])
-    with pytest.raises(ConfigError, match="parallel.sequence_parallel: not supported with train.lora"):
-        load_config(recipe / "config.yaml", ["parallel.sequence_parallel=true", "train.lora={rank: 4}",
-                                             "train.freeze={train: none}"])

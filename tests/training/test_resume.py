@@ -153,11 +153,12 @@ def test_tied_stage1_resume_at_another_pipeline_size(recipe, tmp_path):
 
 
 def _tiny_lora_settings() -> list[str]:
-    """train.lora and train.freeze of configs/tiny_cpu_lora.yaml, as overrides."""
+    """train.lora, train.freeze and parallel.sequence_parallel of configs/tiny_cpu_lora.yaml, as overrides."""
     import yaml
 
-    train = yaml.safe_load((ROOT / "configs" / "tiny_cpu_lora.yaml").read_text())["train"]
-    return [f"train.{key}={json.dumps(train[key])}" for key in ("lora", "freeze")]
+    config = yaml.safe_load((ROOT / "configs" / "tiny_cpu_lora.yaml").read_text())
+    return [f"train.{key}={json.dumps(config['train'][key])}" for key in ("lora", "freeze")] + \
+        [f"parallel.sequence_parallel={json.dumps(config['parallel']['sequence_parallel'])}"]
 
 
 LORA = _tiny_lora_settings()
@@ -165,9 +166,10 @@ LORA = _tiny_lora_settings()
 
 @pytest.mark.distributed
 def test_lora_run_resumes_and_exports(recipe, tmp_path):
-    """A LoRA run with the added rows training: its checkpoints hold adapters and vocabulary tables,
-    not the frozen base; after SIGTERM it resumes bit-identically at TP=2 and within rounding at
-    TP=1; exported merged, its logits equal PEFT's over the exported base and adapter."""
+    """A LoRA run with the added rows training (sequence parallel at TP=2): its checkpoints hold
+    adapters and vocabulary tables, not the frozen base; after SIGTERM it resumes bit-identically at
+    TP=2 and within rounding at TP=1; exported merged, its logits equal PEFT's over the exported
+    base and adapter."""
     from megatron.core import dist_checkpointing
 
     from megatron_adapt.checkpoint.format import CheckpointMeta
