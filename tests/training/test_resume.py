@@ -82,18 +82,19 @@ BF16_TOLERANCE = 4e-4
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("settings,procs,tolerance,logged", [
-    (["train.recompute=selective"], 2, 0.0, "recompute selective"),
     (["train.recompute=full"], 2, 0.0, "recompute full"),
-    (["parallel.sequence_parallel=true"], 2, 1e-5, "sequence parallel True"),
+    (["parallel.sequence_parallel=true", "train.recompute=selective"], 2, 1e-5,
+     "sequence parallel True, recompute selective"),
     (["parallel.tp=1", "ddp.overlap_grad_reduce=true", "ddp.bucket_size=20000", "train.micro_batch_size=1"], 2, 1e-5,
      "overlap grad reduce True"),
     (["optim.bf16=true"], 2, BF16_TOLERANCE, "bfloat16 parameters with fp32 master weights")],
-    ids=["recompute-selective", "recompute-full", "sequence-parallel", "overlap-grad-reduce", "bf16"])
+    ids=["recompute-full", "sequence-parallel-selective-recompute", "overlap-grad-reduce", "bf16"])
 def test_performance_features_give_the_same_losses(recipe, tmp_path, reference_losses, settings, procs, tolerance,
                                                    logged):
     """The reference runs at TP=2 with none of them. Recomputation (megatron-core's checkpoint
     function, TP RNG tracker included) re-runs the same float ops: bit-identical. Sequence
-    parallelism sums the norms' gradients over the two halves of the sequence, and the
+    parallelism (with selective recomputation, as the 7B configs run) sums the norms' gradients
+    over the two halves of the sequence, and the
     overlapped gradient reduction (DP=2, several buckets, two micro-batches per rank held back by
     no_sync) averages two ranks' sums: the same run up to float32 rounding. bf16 runs megatron-core's
     mixed-precision optimizer (bf16 weights, fp32 master copies and gradient buffers) through
@@ -122,12 +123,15 @@ def _assert_continues(got: dict[int, float], expected: dict[int, float], saved: 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", ["all", "new_vocab_rows"])
-def test_resume_at_another_tensor_parallel_size(recipe, tmp_path, stage):
-    """Stage 1 covers the optimizer state of the added rows, which is keyed apart from the weights."""
+def test_resume_at_another_tensor_parallel_size(recipe, tmp_path, reference_losses, stage):
+    """Stage 1 covers the optimizer state of the added rows, which is keyed apart from the weights.
+    Stage 2 ("all", the recipe's default) continues the module's reference run."""
     freeze = f"train.freeze={{train: {stage}}}"
-    reference = tmp_path / "reference"
-    _run(recipe, reference, 2, freeze)
-    expected = _losses(reference)
+    if stage == "all":
+        expected = reference_losses
+    else:
+        _run(recipe, tmp_path / "reference", 2, freeze)
+        expected = _losses(tmp_path / "reference")
     run = tmp_path / "resharded"
     _run(recipe, run, 2, freeze, stop_after_step=5)
     saved = int((run / "latest").read_text().strip().split("_")[1])
