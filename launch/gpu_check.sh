@@ -6,7 +6,8 @@
 # 1. set-up: ./.venv-gpu with a CUDA build of PyTorch (TORCH_SPEC, default: the registry's torch),
 #    megatron-adapt with its test extras, and where installable TransformerEngine, Liger-Kernel and
 #    Apple's cut-cross-entropy (each optional; what is missing is said). PYTHON=/path/to/python with
-#    SETUP=0 uses an existing environment instead (one that already holds torch with CUDA).
+#    SETUP=0 uses an existing environment instead (torch with CUDA, megatron-core and the test
+#    packages already there), only building this package in place, with no download.
 # 2. the GPU tests (pytest -m gpu): Triton kernels vs references, fused model vs megatron-core's
 #    layers, short stage-1 and stage-2 runs with a resume;
 # 3. the kernel benchmark: fused linear+CE vs unfused (and Liger) at H=4096, V=48000, bf16;
@@ -37,8 +38,9 @@ if [ "${SETUP:-1}" = 1 ]; then
         $PYTHON -m pip install -q --no-build-isolation "$optional" >"$OUT/install-${optional%%\[*}.log" 2>&1 \
             && echo "installed $optional" || echo "not installable here: $optional (see $OUT/install-${optional%%\[*}.log)"
     done
-else
+else  # the environment as it is (no downloads: machines without a registry); build this package in place
     PYTHON=${PYTHON:-python3}
+    $PYTHON -m pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_check: could not build megatron-adapt"; exit 1; }
 fi
 $PYTHON - <<'EOF' | tee "$OUT/environment.txt"
 import importlib, torch
