@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_adapt.model.config import LlamaArchitecture
-from megatron_adapt.model.vocab import VocabRows
+from megatron_adapt.model.vocab import VocabRows, vocab_tables
 
 Tensor = torch.Tensor
 
@@ -149,7 +149,9 @@ def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, C
                 full[slice(*layer.trainable_span)] = grad
                 return full
 
-            yield owner + "weight", layer.all_rows, full_grad
+            # the whole slice with the trainable rows written in: the distributed optimizer keeps
+            # them in its own buffer, and a forward pass is what otherwise copies them back
+            yield owner + "weight", vocab_tables(layer)[0], full_grad
 
 
 def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable, Rule]]:

@@ -1,0 +1,74 @@
+"""Stage 1 with megatron-core's distributed optimizer, as GPU runs with TransformerEngine or apex
+use it: Adam state sharded over DP, parameters re-homed into its contiguous buffer (which breaks
+the row-split layer's view of its trainable rows), and a TP rank holding no added row at all.
+
+Its step runs on CPU (loading its checkpoints needs TE or apex, which CPU runs do not have): after
+two steps at TP=2×DP=2 every weight equals the replicated optimizer's bit for bit, in fp32 and in
+bf16 with fp32 master weights, the added rows moved and nothing else did.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.multiprocess import run_ranks
+
+VOCAB, BASE, SEQ = 300, 280, 16  # TP=2 pads to 512 rows: rank 0 holds rows 0-255, all base vocabulary
+
+
+def _rank_two_steps() -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_adapt.model.build import build_llama
+    from megatron_adapt.model.config import LlamaArchitecture
+    from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
+    from megatron_adapt.model.weights import export_hf_state
+    from megatron_adapt.training.config import Config
+    from megatron_adapt.training.optim import build_optimizer
+    from megatron_adapt.training.step import forward_backward
+
+    arch = LlamaArchitecture(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    policy = FreezePolicy(train="new_vocab_rows")
+    tokens = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(parallel_state.get_data_parallel_rank()))
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for distributed in (False, True):
+            torch.manual_seed(0)
+            model = build_llama(arch, params_dtype=dtype, seq_length=SEQ, vocab=policy.vocab_layout(BASE))
+            apply_freeze_policy(model, policy)
+            config = Config()
+            config.optim.bf16, config.optim.lr = dtype == torch.bfloat16, 1e-2
+            ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=distributed))
+            optimizer = build_optimizer(config, ddp, dtype, distributed)
+            before = export_hf_state(model)
+            for _ in range(2):
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                forward_backward(ddp, [dict(tokens=tokens, labels=torch.roll(tokens, -1, 1))])
+                finalize_model_grads([ddp])
+                optimizer.step()
+            out[str(dtype), distributed] = dict(before=before, after=export_hf_state(model),
+                                                rows=model.embedding.word_embeddings.trainable_rows.numel())
+    return out
+
+
+@pytest.mark.distributed
+def test_distributed_optimizer_steps_equal_the_replicated_ones():
+    for rank, result in enumerate(run_ranks(_rank_two_steps, tp=2, dp=2)):
+        tp_rank = rank % 2
+        for dtype in (str(torch.float32), str(torch.bfloat16)):
+            replicated, sharded = result[dtype, False], result[dtype, True]
+            if tp_rank == 0:
+                assert sharded["rows"] == 0, "the test wants a TP rank without added rows"
+            for name, expected in replicated["after"].items():
+                assert torch.equal(sharded["after"][name], expected), \
+                    f"rank {rank} {dtype}: {name} differs from the replicated optimizer's after two steps"
+                moved = (sharded["after"][name] - sharded["before"][name]).abs()
+                if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                    assert moved[:BASE].max() == 0 and moved[BASE:].max() > 0, f"rank {rank} {dtype}: {name} rows"
+                else:
+                    assert moved.max() == 0, f"rank {rank} {dtype}: frozen {name} moved"
