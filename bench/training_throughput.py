@@ -34,7 +34,7 @@ SHAPES = {  # hidden, ffn, layers, heads, kv heads
     "1b": (2048, 5632, 22, 32, 4),
     "tiny": (64, 128, 2, 4, 2),
 }
-VOCAB, ADDED = 48000, 16000
+VOCAB = 48000  # LLaMA-2's 32000 + 16000 added; a third of every vocabulary here is added rows
 
 
 def child(shape: str, stage: str, seq: int, micro_batch: int, micro_batches: int, steps: int, warmup: int,
@@ -46,7 +46,7 @@ def child(shape: str, stage: str, seq: int, micro_batch: int, micro_batches: int
     from megatron_adapt.model.config import LlamaArchitecture
     from megatron_adapt.training.config import Config
     from megatron_adapt.training.loop import build_model
-    from megatron_adapt.training.optim import build_optimizer, build_scheduler
+    from megatron_adapt.training.optim import build_optimizer, build_scheduler, optimizer_kind_for_this_machine
     from megatron_adapt.training.plan import RunPlan
     from megatron_adapt.training.step import forward_backward
 
@@ -66,12 +66,10 @@ def child(shape: str, stage: str, seq: int, micro_batch: int, micro_batches: int
     config.train.recompute = recompute
     config.train.freeze.train = "all" if stage == "stage2" else "new_vocab_rows"
     distributed.initialize(1, 1)
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
-    plan = RunPlan(arch=arch, source=None, resuming=False, start=None, base_vocab=vocab - ADDED if shape != "tiny"
-                   else 1000, base_tokenizer="", tokenizer=None, eod_id=2, blend=[],
+    plan = RunPlan(arch=arch, source=None, resuming=False, start=None, base_vocab=vocab - vocab // 3,
+                   base_tokenizer="", tokenizer=None, eod_id=2, blend=[],
                    params_dtype=torch.bfloat16 if cuda else torch.float32,
-                   distributed_optimizer=cuda and HAVE_APEX_OR_TE)
+                   distributed_optimizer=optimizer_kind_for_this_machine() == "distributed")
     model = build_model(config, plan, load_weights=False)
     optimizer = build_optimizer(config, model, plan.params_dtype, plan.distributed_optimizer)
     scheduler = build_scheduler(config, optimizer)

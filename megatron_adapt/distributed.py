@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import tempfile
-
 from typing import TYPE_CHECKING
 
 import torch

@@ -37,3 +37,16 @@ def run_ranks(fn: Callable[..., Any], *args: Any, tp: int = 1, pp: int = 1, dp: 
         store = os.path.join(tmp, "store")
         mp.spawn(_worker, args=(world_size, tp, pp, store, tmp, fn, args), nprocs=world_size, join=True)
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def sum_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """What megatron-core's ``finalize_model_grads`` does for a model without its DDP wrapper under
+    sequence parallelism: parameters marked ``sequence_parallel`` saw part of the sequence on each
+    TP rank, so their gradients are summed over the TP group."""
+    from megatron.core import parallel_state
+
+    if not model.config.sequence_parallel:
+        return
+    for param in model.parameters():
+        if param.grad is not None and getattr(param, "sequence_parallel", False):
+            torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core import parallel_state
 
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
@@ -14,7 +13,7 @@ from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
 from megatron_adapt.model.fused_vocab import self_check
 from megatron_adapt.model.weights import export_hf_state
 from megatron_adapt.training.step import forward_backward
-from tests.multiprocess import run_ranks
+from tests.multiprocess import run_ranks, sum_sequence_parallel_grads
 
 VOCAB, BASE, SEQ = 300, 200, 16  # TP=2 pads to 512 rows: rank 0 holds 0..255, so new rows start inside it
 
@@ -41,9 +40,7 @@ def _rank_compare(policy: str, tied: bool, sequence_parallel: bool) -> dict:
         apply_freeze_policy(model, freeze)
         loss = forward_backward(model, batches)
         losses.append(loss.mean if loss else None)
-        for param in model.parameters():  # as megatron-core's finalize_model_grads sums them over TP
-            if param.grad is not None and getattr(param, "sequence_parallel", False) and model.config.sequence_parallel:
-                torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+        sum_sequence_parallel_grads(model)
         grads.append(export_hf_state(model, use_grad=True))
     return {"losses": losses, "grads": grads}
 

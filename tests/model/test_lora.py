@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.multiprocess import run_ranks
+from tests.multiprocess import run_ranks, sum_sequence_parallel_grads
 
 VOCAB, BASE_VOCAB, SEQ, RANK, ALPHA = 500, 400, 16, 4, 8.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,9 +70,7 @@ def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels, sequ
     batches = [dict(tokens=tokens[i:i + 1], labels=labels[i:i + 1]) for i in range(len(tokens))]
     captured: list[torch.Tensor] = []
     loss = forward_backward(model, batches, on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
-    for param in model.parameters():  # as megatron-core's finalize_model_grads sums them over TP
-        if param.grad is not None and getattr(param, "sequence_parallel", False) and sequence_parallel:
-            torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+    sum_sequence_parallel_grads(model)
     grads = {k: v for k, v in export_hf_state(model, use_grad=True).items() if "lora_" in k}
     base_grads = [n for n, p in model.named_parameters() if ".lora." not in n and p.grad is not None]
     last = parallel_state.is_pipeline_last_stage()

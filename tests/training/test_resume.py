@@ -94,9 +94,10 @@ def test_performance_features_give_the_same_losses(recipe, tmp_path, reference_l
     """The reference runs at TP=2 with none of them. Recomputation (megatron-core's checkpoint
     function, TP RNG tracker included) re-runs the same float ops: bit-identical. Sequence
     parallelism (with selective recomputation, as the 7B configs run) sums the norms' gradients
-    over the two halves of the sequence, and the
-    overlapped gradient reduction (DP=2, several buckets, two micro-batches per rank held back by
-    no_sync) averages two ranks' sums: the same run up to float32 rounding. bf16 runs megatron-core's
+    over the two halves of the sequence, and the overlapped gradient reduction (DP=2, several
+    buckets, two micro-batches per rank) averages two ranks' sums: the same run up to float32
+    rounding (over gloo a reduction started before the last micro-batch also came out right, so
+    this does not catch a missing no_sync). bf16 runs megatron-core's
     mixed-precision optimizer (bf16 weights, fp32 master copies and gradient buffers) through
     megatron-core's own vocabulary layers: the same run up to bf16 rounding."""
     log = _run(recipe, tmp_path / "run", procs, *settings)
