@@ -246,6 +246,8 @@ def trainable_row_shards(model: torch.nn.Module) -> dict[str, ShardedTensor]:
         key, copy = f"{name}.weight.added_rows", 0
         if tied and isinstance(layer, VocabOutput):  # the last stage's copy of the embedding's rows
             key, copy = "embedding.word_embeddings.weight.added_rows", 1
+        if rows.numel() == 0:  # a TP rank without added rows writes nothing: as a main replica its
+            copy = 1           # (key, offset) would be the first rows' and torch may keep its empty write
         shards[f"{name}.trainable_rows"] = ShardedTensor(
             key=key, data=rows, dtype=rows.dtype, local_shape=tuple(rows.shape),
             global_shape=(end - first, rows.shape[1]), global_offset=(offset, 0), axis_fragmentations=None,

@@ -1,23 +1,29 @@
-"""Stage 1 with megatron-core's distributed optimizer, as GPU runs with TransformerEngine or apex
-use it: Adam state sharded over DP, parameters re-homed into its contiguous buffer (which breaks
-the row-split layer's view of its trainable rows), and a TP rank holding no added row at all.
+"""Stage 1 at TP=2×DP=2 with a TP rank holding no added row at all, under megatron-core's
+distributed optimizer as GPU runs with TransformerEngine or apex use it: Adam state sharded over
+DP, parameters re-homed into its contiguous buffer (which breaks the row-split layer's view of its
+trainable rows).
 
 Its step runs on CPU (loading its checkpoints needs TE or apex, which CPU runs do not have): after
-two steps at TP=2×DP=2 every weight equals the replicated optimizer's bit for bit, in fp32 and in
-bf16 with fp32 master weights, the added rows moved and nothing else did.
+two steps every weight equals the replicated optimizer's bit for bit, in fp32 and in bf16 with
+fp32 master weights, the added rows moved and nothing else did. The replicated optimizer's
+checkpoint at this layout saves and loads back every Adam moment.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from megatron_adapt.checkpoint import train_state
+from megatron_adapt.training.optim import build_scheduler
 from tests.multiprocess import run_ranks
 
 VOCAB, BASE, SEQ = 300, 280, 16  # TP=2 pads to 512 rows: rank 0 holds rows 0-255, all base vocabulary
 
 
-def _rank_two_steps() -> dict:
+def _rank_two_steps(run_dir: str) -> dict:
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
@@ -29,6 +35,15 @@ def _rank_two_steps() -> dict:
     from megatron_adapt.training.optim import build_optimizer
     from megatron_adapt.training.step import forward_backward
 
+    def build(dtype, distributed):
+        model = build_llama(arch, params_dtype=dtype, seq_length=SEQ, vocab=policy.vocab_layout(BASE))
+        apply_freeze_policy(model, policy)
+        config = Config()
+        config.optim.bf16, config.optim.lr = dtype == torch.bfloat16, 1e-2
+        ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed))
+        return model, ddp, build_optimizer(config, ddp, dtype, distributed), config
+
     arch = LlamaArchitecture(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     policy = FreezePolicy(train="new_vocab_rows")
@@ -37,13 +52,7 @@ def _rank_two_steps() -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         for distributed in (False, True):
             torch.manual_seed(0)
-            model = build_llama(arch, params_dtype=dtype, seq_length=SEQ, vocab=policy.vocab_layout(BASE))
-            apply_freeze_policy(model, policy)
-            config = Config()
-            config.optim.bf16, config.optim.lr = dtype == torch.bfloat16, 1e-2
-            ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=distributed))
-            optimizer = build_optimizer(config, ddp, dtype, distributed)
+            model, ddp, optimizer, config = build(dtype, distributed)
             before = export_hf_state(model)
             for _ in range(2):
                 ddp.zero_grad_buffer()
@@ -53,13 +62,35 @@ def _rank_two_steps() -> dict:
                 optimizer.step()
             out[str(dtype), distributed] = dict(before=before, after=export_hf_state(model),
                                                 rows=model.embedding.word_embeddings.trainable_rows.numel())
+            if dtype == torch.float32 and not distributed:
+                out["moments", "saved"] = _moments(optimizer)
+                train_state.save(run_dir, 2, ddp, optimizer, build_scheduler(config, optimizer))
+                torch.manual_seed(1)
+                _, fresh_ddp, fresh, config = build(dtype, distributed)
+                train_state.load(Path(run_dir) / "iter_0000002", fresh_ddp, fresh, build_scheduler(config, fresh))
+                out["moments", "loaded"] = _moments(fresh)
     return out
 
 
+def _moments(optimizer) -> list[torch.Tensor]:
+    """Every Adam moment of the optimizer, in parameter order (the added rows' only, in stage 1)."""
+    moments = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                state = inner.optimizer.state.get(param, {})
+                moments += [state[name].clone() for name in ("exp_avg", "exp_avg_sq") if name in state]
+    return moments
+
+
 @pytest.mark.distributed
-def test_distributed_optimizer_steps_equal_the_replicated_ones():
-    for rank, result in enumerate(run_ranks(_rank_two_steps, tp=2, dp=2)):
+def test_distributed_optimizer_steps_equal_the_replicated_ones(tmp_path):
+    for rank, result in enumerate(run_ranks(_rank_two_steps, str(tmp_path), tp=2, dp=2)):
         tp_rank = rank % 2
+        saved, loaded = result["moments", "saved"], result["moments", "loaded"]
+        assert saved and len(loaded) == len(saved), f"rank {rank}: {len(saved)} Adam moments saved, {len(loaded)} loaded"
+        for i, (want, got) in enumerate(zip(saved, loaded)):
+            assert torch.equal(got, want), f"rank {rank}: Adam moment {i} ({tuple(want.shape)}) not restored"
         for dtype in (str(torch.float32), str(torch.bfloat16)):
             replicated, sharded = result[dtype, False], result[dtype, True]
             if tp_rank == 0:
