@@ -10,6 +10,7 @@ complete is ``checkpoint.format``'s.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.serialization import (
     get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
@@ -114,6 +116,11 @@ def _dp_group():
 
 def write_dist(state: dict[str, Any], directory: Path) -> None:
     """Collective: save ``state`` with the replicated tensors' writes spread over DP ranks."""
+    # The save is synchronous: the writer's results come back within this process. megatron-core's
+    # default channel is a multiprocessing Manager (made for its asynchronous writers), a spawned
+    # server that imports torch on the first save of a run: seconds of nothing per run.
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
     strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
     dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
 
