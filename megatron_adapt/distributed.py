@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def initialize(tp_size: int = 1, pp_size: int = 1, seed: int = 1234,
                init_method: str | None = None, rank: int | None = None,
-               world_size: int | None = None) -> None:
-    """Join the process group (NCCL on GPUs, gloo on CPU) and carve it into TP/PP/DP groups.
+               world_size: int | None = None, cp_size: int = 1) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPU) and carve it into TP/PP/CP/DP groups.
 
     Rank and world size come from torchrun's environment unless given. On a CPU-only process the
     CUDA redirection in ``cpu_shim`` is switched on first, since megatron-core needs it.
@@ -42,14 +42,14 @@ def initialize(tp_size: int = 1, pp_size: int = 1, seed: int = 1234,
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method,
                                 rank=rank, world_size=world_size)
-    if world_size % (tp_size * pp_size):
-        raise ValueError(f"world size {world_size} is not a multiple of TP×PP = {tp_size}×{pp_size}")
+    if world_size % (tp_size * pp_size * cp_size):
+        raise ValueError(f"world size {world_size} is not a multiple of TP×PP×CP = {tp_size}×{pp_size}×{cp_size}")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
-                                             pipeline_model_parallel_size=pp_size)
+                                             pipeline_model_parallel_size=pp_size, context_parallel_size=cp_size)
     model_parallel_cuda_manual_seed(seed)
     if rank == 0:
-        log.info("initialized %s: world %d = TP %d × PP %d × DP %d", dist.get_backend(), world_size,
-                 tp_size, pp_size, world_size // (tp_size * pp_size))
+        log.info("initialized %s: world %d = TP %d × PP %d × CP %d × DP %d", dist.get_backend(), world_size,
+                 tp_size, pp_size, cp_size, world_size // (tp_size * pp_size * cp_size))
 
 
 def destroy() -> None:
@@ -72,10 +72,11 @@ def any_rank(flag: bool) -> bool:
 def data_parallel_loss(loss: "StepLoss | None") -> float:
     """The mean loss per target token over the data-parallel group's micro-batches (NaN off the
     last pipeline stage, where ``loss`` is None): ranks' sums and token counts are added, so a rank
-    whose micro-batches hold fewer targets weighs less, as it does in the gradient."""
+    whose micro-batches hold fewer targets weighs less, as it does in the gradient. Under context
+    parallelism each rank holds a part of every sequence's tokens: the CP group is summed too."""
     if loss is None:
         return math.nan
     tensor = torch.tensor([loss.total, loss.tokens], dtype=torch.float64, device=_device())
-    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     total, tokens = tensor.tolist()
     return total / max(tokens, 1.0)

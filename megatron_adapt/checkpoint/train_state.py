@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 def _layout() -> dict[str, int]:
     return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "cp": parallel_state.get_context_parallel_world_size(),
             "world": dist.get_world_size()}
 
 
@@ -172,7 +173,7 @@ def load(path: Path, model, optimizer=None, scheduler=None) -> CheckpointMeta:
     if not (path / WEIGHTS_DIST).exists():  # a converted start: HF layout
         load_hf_checkpoint(unwrap(model), path / WEIGHTS_HF)
         return meta
-    same_layout = meta.layout == _layout()
+    same_layout = ({"cp": 1} | meta.layout) == _layout()  # checkpoints from before CP have no "cp"
     directory = str(path / WEIGHTS_DIST)
     state = sharded_state(model, optimizer, with_rng=optimizer is not None and same_layout, loading=True,
                           adapters_only=meta.adapters_only)

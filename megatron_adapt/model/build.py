@@ -19,6 +19,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.context_parallel import ContextParallelAttention
 from megatron_adapt.model.fused_vocab import fused_loss
 from megatron_adapt.model.lora import LoraConfig, add_lora
 from megatron_adapt.model.loss import masked_sum, token_losses
@@ -59,7 +60,7 @@ class RMSNorm(torch.nn.RMSNorm):
 def layer_spec(config, use_transformer_engine: bool | None = None,
                per_document_attention: bool = False) -> TransformerBlockSubmodules:
     """This pipeline stage's transformer block: TE's fused layers when importable, megatron-core's
-    local (torch) layers with ``RMSNorm`` otherwise.
+    local (torch) layers with ``RMSNorm`` otherwise (and ``ContextParallelAttention`` under CP).
 
     With ``per_document_attention`` self-attention takes the mask it is given (``arbitrary``);
     a causal layer may ignore it (TE's and the fused softmax's causal kernels do)."""
@@ -74,6 +75,8 @@ def layer_spec(config, use_transformer_engine: bool | None = None,
         log.info("layer spec: megatron-core local (TransformerEngine not available)")
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = final_norm = RMSNorm
+        if config.context_parallel_size > 1:
+            spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     if per_document_attention:
         spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=final_norm)

@@ -68,6 +68,10 @@ class ParallelConfig:
     """Split the norms' and dropouts' activations along the sequence over the TP group (Megatron-LM's
     --sequence-parallel): activation memory / TP, all-reduces become all-gather + reduce-scatter.
     Megatron-LM turns it off at TP=1, and so does this."""
+    context_parallel: int = 1
+    """Ranks that split every sequence between them (Megatron-LM's --context-parallel-size): for
+    sequences whose activations do not fit otherwise. Attention gathers keys and values over them
+    (TransformerEngine's ring exchange, or an all-gather on the local spec); causal attention only."""
 
 
 @dataclasses.dataclass
@@ -181,6 +185,22 @@ class Config:
                               f"({o.vocab_min_lr if o.vocab_min_lr is not None else o.min_lr})")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
+        self._validate_context_parallel()
+
+    def _validate_context_parallel(self) -> None:
+        p = self.parallel
+        if p.context_parallel < 1:
+            raise ConfigError(f"parallel.context_parallel={p.context_parallel} must be at least 1")
+        if p.context_parallel == 1:
+            return
+        if self.data.per_document_attention:
+            raise ConfigError("parallel.context_parallel: causal attention only; data.per_document_attention "
+                              "needs the whole sequence's document boundaries on every rank")
+        # every rank holds 2 chunks of the sequence, split again over TP under sequence parallelism
+        unit = 2 * p.context_parallel * (p.tp if p.sequence_parallel and p.tp > 1 else 1)
+        if self.data.seq_length % unit:
+            raise ConfigError(f"data.seq_length={self.data.seq_length} must be a multiple of {unit} "
+                              f"(2 chunks per context-parallel rank{' × TP' if unit > 2 * p.context_parallel else ''})")
 
 
 def transformer_overrides(config: Config) -> dict[str, Any]:
@@ -195,6 +215,7 @@ def transformer_overrides(config: Config) -> dict[str, Any]:
     # by how the batch was split into micro-batches and DP ranks once loss masks differ in length.
     out: dict[str, Any] = {"calculate_per_token_loss": True,
                            "sequence_parallel": config.parallel.sequence_parallel and config.parallel.tp > 1,
+                           "context_parallel_size": config.parallel.context_parallel,
                            "attention_backend": AttnBackend[config.model.attention_backend],
                            # megatron-core's linears accumulate in the GEMM with apex's CUDA
                            # extension, and refuse the setting without it

@@ -59,7 +59,8 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     """Run (or resume) the configured stage; returns the last metrics. ``plan`` is
     ``plan_run(config)`` when the caller has already made it."""
     plan = plan or plan_run(config)
-    distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.data.seed)
+    distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.data.seed,
+                           cp_size=config.parallel.context_parallel)
     for signum in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(signum, _request_stop)
     run_dir = Path(config.checkpoint.save)
@@ -77,7 +78,7 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     train_set, valid_sets = _datasets(config, plan, run_dir)
     byte_rates = bytes_per_token(plan.blend)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    sink = MetricsSink(config, active=_holds_loss() and dp_rank == 0)
+    sink = MetricsSink(config, active=_holds_loss() and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
     throughput = _throughput(config, plan)
     metrics: dict[str, float] = {}
     reported = iteration
@@ -150,8 +151,9 @@ def build_model(config: Config, plan: RunPlan, load_weights: bool = True) -> Dis
     if d.overlap_grad_reduce:
         model.config.no_sync_func = ddp.no_sync
     c = model.config
-    log.info("performance: sequence parallel %s, recompute %s, attention backend %s, gradient accumulation "
-             "fusion %s, overlap grad reduce %s, overlap param gather %s%s", c.sequence_parallel,
+    log.info("performance: sequence parallel %s, context parallel %d, recompute %s, attention backend %s, gradient "
+             "accumulation fusion %s, overlap grad reduce %s, overlap param gather %s%s", c.sequence_parallel,
+             c.context_parallel_size,
              c.recompute_granularity or "none", c.attention_backend.name, c.gradient_accumulation_fusion,
              d.overlap_grad_reduce, gather, " (needs the distributed optimizer)" if d.overlap_param_gather and
              not gather else "")

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_adapt.model.build import unwrap
 
@@ -46,10 +47,11 @@ def _forward_step(on_logits: Callable | None, data_iterator: Iterable, model):
     # tokens and only the last reads labels.
     device = next(model.parameters()).device  # micro-batches are made (and pinned) on the host
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
-    tokens = batch["tokens"]
-    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    mask = document_causal_mask(batch["segment_ids"]) if "segment_ids" in batch else None
-    output = model(tokens, positions, attention_mask=mask)
+    b, s = batch["tokens"].shape
+    batch["positions"] = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    mask = document_causal_mask(batch.pop("segment_ids")) if "segment_ids" in batch else None
+    batch = get_batch_on_this_cp_rank(batch)  # this rank's part of every sequence (no-op without CP)
+    output = model(batch["tokens"], batch["positions"], attention_mask=mask)
     return output, functools.partial(_loss_func, model, batch, on_logits)
 
 

@@ -247,3 +247,22 @@ def test_performance_keys_reach_megatron_core(recipe):
         load_config(recipe / "config.yaml", ["model.attention_backend=cudnn"])
     with pytest.raises(ConfigError, match="ddp.bucket_size=0 must be positive"):
         load_config(recipe / "config.yaml", ["ddp.bucket_size=0"])
+
+
+def test_context_parallel_keys(recipe):
+    """CP reaches megatron-core's TransformerConfig; what it cannot do is refused naming the key:
+    per-document masks (the ranks hold parts of the sequence), a sequence that does not split into
+    2 chunks per CP rank (and again over TP under sequence parallelism)."""
+    from megatron_adapt.training.config import transformer_overrides
+
+    config = load_config(recipe / "config.yaml", ["parallel.context_parallel=2"])  # seq_length 64
+    assert transformer_overrides(config)["context_parallel_size"] == 2
+    with pytest.raises(ConfigError, match="parallel.context_parallel: causal attention only; data.per_document_attention"):
+        load_config(recipe / "config.yaml", ["parallel.context_parallel=2", "data.per_document_attention=true"])
+    with pytest.raises(ConfigError, match=r"data.seq_length=60 must be a multiple of 8 \(2 chunks per context-parallel rank\)"):
+        load_config(recipe / "config.yaml", ["parallel.context_parallel=4", "data.seq_length=60"])
+    with pytest.raises(ConfigError, match=r"data.seq_length=36 must be a multiple of 8 \(2 chunks per context-parallel rank × TP\)"):
+        load_config(recipe / "config.yaml", ["parallel.context_parallel=2", "parallel.sequence_parallel=true",
+                                             "data.seq_length=36"])
+    with pytest.raises(ConfigError, match="parallel.context_parallel=0 must be at least 1"):
+        load_config(recipe / "config.yaml", ["parallel.context_parallel=0"])

@@ -87,8 +87,10 @@ BF16_TOLERANCE = 4e-4
      "sequence parallel True, recompute selective"),
     (["parallel.tp=1", "ddp.overlap_grad_reduce=true", "ddp.bucket_size=20000", "train.micro_batch_size=1"], 2, 1e-5,
      "overlap grad reduce True"),
-    (["optim.bf16=true"], 2, BF16_TOLERANCE, "bfloat16 parameters with fp32 master weights")],
-    ids=["recompute-full", "sequence-parallel-selective-recompute", "overlap-grad-reduce", "bf16"])
+    (["optim.bf16=true"], 2, BF16_TOLERANCE, "bfloat16 parameters with fp32 master weights"),
+    (["parallel.context_parallel=2", "parallel.sequence_parallel=true"], 4, 1e-5, "context parallel 2")],
+    ids=["recompute-full", "sequence-parallel-selective-recompute", "overlap-grad-reduce", "bf16",
+         "context-parallel-tp2-sp"])
 def test_performance_features_give_the_same_losses(recipe, tmp_path, reference_losses, settings, procs, tolerance,
                                                    logged):
     """The reference runs at TP=2 with none of them. Recomputation (megatron-core's checkpoint
@@ -99,7 +101,9 @@ def test_performance_features_give_the_same_losses(recipe, tmp_path, reference_l
     rounding (over gloo a reduction started before the last micro-batch also came out right, so
     this does not catch a missing no_sync). bf16 runs megatron-core's
     mixed-precision optimizer (bf16 weights, fp32 master copies and gradient buffers) through
-    megatron-core's own vocabulary layers: the same run up to bf16 rounding."""
+    megatron-core's own vocabulary layers: the same run up to bf16 rounding. Context parallelism
+    (CP=2 × TP=2 with SP, 4 processes) splits every sequence in four chunks, attends over keys and
+    values gathered from the CP pair and sums losses and gradients over it: up to float32 rounding."""
     log = _run(recipe, tmp_path / "run", procs, *settings)
     assert logged in log, f"megatron-core did not get {settings}"
     got = _losses(tmp_path / "run")
