@@ -94,7 +94,7 @@ def save_hf_checkpoint(model: torch.nn.Module, directory: str | Path,
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     writer = (parallel_state.get_tensor_model_parallel_rank() == 0
-              and parallel_state.get_data_parallel_rank() == 0)
+              and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
     shard_name = f"model-{pp_rank + 1:05d}-of-{pp_size:05d}.safetensors"
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
