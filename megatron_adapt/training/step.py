@@ -48,10 +48,12 @@ def _forward_step(on_logits: Callable | None, data_iterator: Iterable, model):
     device = next(model.parameters()).device  # micro-batches are made (and pinned) on the host
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
     b, s = batch["tokens"].shape
-    batch["positions"] = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    positions = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     mask = document_causal_mask(batch.pop("segment_ids")) if "segment_ids" in batch else None
-    batch = get_batch_on_this_cp_rank(batch)  # this rank's part of every sequence (no-op without CP)
-    output = model(batch["tokens"], batch["positions"], attention_mask=mask)
+    # this rank's part of every sequence (no-op without context parallelism)
+    batch = get_batch_on_this_cp_rank(batch | {"positions": positions})
+    positions = batch.pop("positions")
+    output = model(batch["tokens"], positions, attention_mask=mask)
     return output, functools.partial(_loss_func, model, batch, on_logits)
 
 

@@ -84,7 +84,7 @@ BF16_TOLERANCE = 4e-4
 @pytest.mark.parametrize("settings,procs,tolerance,logged", [
     (["train.recompute=full"], 2, 0.0, "recompute full"),
     (["parallel.sequence_parallel=true", "train.recompute=selective"], 2, 1e-5,
-     "sequence parallel True, recompute selective"),
+     "sequence parallel True, context parallel 1, recompute selective"),
     (["parallel.tp=1", "ddp.overlap_grad_reduce=true", "ddp.bucket_size=20000", "train.micro_batch_size=1"], 2, 1e-5,
      "overlap grad reduce True"),
     (["optim.bf16=true"], 2, BF16_TOLERANCE, "bfloat16 parameters with fp32 master weights"),
