@@ -89,14 +89,22 @@ def test_short_run_on_the_gpu_resumes(recipe, tmp_path, stage, bf16):
     assert "fused kernels, Triton" in log, "the fused vocabulary kernels were not used on the GPU"
     expected = _losses(reference)
     assert expected[10] < expected[1], f"the loss did not fall: {expected}"
-    run = tmp_path / "interrupted"
-    _run(recipe, run, 1, *sets, stop_after_step=4)
+    _assert_resume_continues(recipe, tmp_path / "interrupted", sets, expected, 1, 1, GPU_RESUME_TOLERANCE)
+
+
+def _assert_resume_continues(recipe, run, sets: list[str], expected: dict[int, float], procs: int,
+                             resume_procs: int, tolerance: float) -> None:
+    """Stop a run on ``procs`` GPUs by SIGTERM after step 4, resume it on ``resume_procs``: the
+    losses after the saved step are ``expected``'s within ``tolerance``."""
+    from tests.training.test_resume import _losses, _run
+
+    _run(recipe, run, procs, *sets, stop_after_step=4)
     saved = int((run / "latest").read_text().strip().split("_")[1])
-    _run(recipe, run, 1, *sets)
+    _run(recipe, run, resume_procs, *sets)
     got = _losses(run)
     for step in range(saved + 1, 11):
-        assert abs(got[step] - expected[step]) <= GPU_RESUME_TOLERANCE * expected[step], \
-            f"step {step}: {got[step]} after resume vs {expected[step]}"
+        assert abs(got[step] - expected[step]) <= tolerance * expected[step], \
+            f"step {step}: loss {got[step]} after a resume on {resume_procs} GPU(s) vs {expected[step]}"
 
 
 # A first guess, to calibrate on the first multi-GPU run: bf16 kernels at another sequence split
@@ -129,12 +137,5 @@ def test_stage1_at_two_data_parallel_ranks_resumes_on_one(recipe, tmp_path):
 
     sets = ["train.freeze={train: new_vocab_rows}", "optim.bf16=true", "parallel.tp=1"]
     _run(recipe, tmp_path / "reference", 2, *sets)
-    expected = _losses(tmp_path / "reference")
-    run = tmp_path / "interrupted"
-    _run(recipe, run, 2, *sets, stop_after_step=4)
-    saved = int((run / "latest").read_text().strip().split("_")[1])
-    _run(recipe, run, 1, *sets)
-    got = _losses(run)
-    for step in range(saved + 1, 11):
-        assert abs(got[step] - expected[step]) <= MULTI_GPU_TOLERANCE * expected[step], \
-            f"step {step}: DP=1 resume loss {got[step]} vs {expected[step]} at DP=2"
+    _assert_resume_continues(recipe, tmp_path / "interrupted", sets, _losses(tmp_path / "reference"), 2, 1,
+                             MULTI_GPU_TOLERANCE)
