@@ -197,10 +197,11 @@ class Config:
             raise ConfigError("parallel.context_parallel: causal attention only; data.per_document_attention "
                               "needs the whole sequence's document boundaries on every rank")
         # every rank holds 2 chunks of the sequence, split again over TP under sequence parallelism
-        unit = 2 * p.context_parallel * (p.tp if p.sequence_parallel and p.tp > 1 else 1)
+        split_over_tp = p.sequence_parallel and p.tp > 1
+        unit = 2 * p.context_parallel * (p.tp if split_over_tp else 1)
         if self.data.seq_length % unit:
             raise ConfigError(f"data.seq_length={self.data.seq_length} must be a multiple of {unit} "
-                              f"(2 chunks per context-parallel rank{' × TP' if unit > 2 * p.context_parallel else ''})")
+                              f"(2 chunks per context-parallel rank{' × TP' if split_over_tp else ''})")
 
 
 def transformer_overrides(config: Config) -> dict[str, Any]:

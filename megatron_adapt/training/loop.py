@@ -78,7 +78,8 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     train_set, valid_sets = _datasets(config, plan, run_dir)
     byte_rates = bytes_per_token(plan.blend)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    sink = MetricsSink(config, active=_holds_loss() and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
+    first_replica = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+    sink = MetricsSink(config, active=_holds_loss() and first_replica)
     throughput = _throughput(config, plan)
     metrics: dict[str, float] = {}
     reported = iteration
@@ -153,8 +154,7 @@ def build_model(config: Config, plan: RunPlan, load_weights: bool = True) -> Dis
     c = model.config
     log.info("performance: sequence parallel %s, context parallel %d, recompute %s, attention backend %s, gradient "
              "accumulation fusion %s, overlap grad reduce %s, overlap param gather %s%s", c.sequence_parallel,
-             c.context_parallel_size,
-             c.recompute_granularity or "none", c.attention_backend.name, c.gradient_accumulation_fusion,
+             c.context_parallel_size, c.recompute_granularity or "none", c.attention_backend.name, c.gradient_accumulation_fusion,
              d.overlap_grad_reduce, gather, " (needs the distributed optimizer)" if d.overlap_param_gather and
              not gather else "")
     return ddp
