@@ -58,19 +58,26 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 def layer_spec(config, use_transformer_engine: bool | None = None,
-               per_document_attention: bool = False) -> TransformerBlockSubmodules:
+               per_document_attention: bool = False, lora: bool = False) -> TransformerBlockSubmodules:
     """This pipeline stage's transformer block: TE's fused layers when importable, megatron-core's
     local (torch) layers with ``RMSNorm`` otherwise (and ``ContextParallelAttention`` under CP).
 
     With ``per_document_attention`` self-attention takes the mask it is given (``arbitrary``);
-    a causal layer may ignore it (TE's and the fused softmax's causal kernels do)."""
+    a causal layer may ignore it (TE's and the fused softmax's causal kernels do). With ``lora``
+    TE's norms are their own modules before plain TE linears: its fused layernorm + linear keeps
+    the normalized input, which the adapters of linear_qkv and linear_fc1 take, inside."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         log.info("layer spec: TransformerEngine")
         spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
-        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
         final_norm = TENorm
+        if lora:
+            log.info("LoRA: TE's norms unfused from linear_qkv and linear_fc1 (the adapters take the normalized input)")
+            spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TENorm
+            spec.submodules.self_attention.submodules.linear_qkv = TEColumnParallelLinear
+            spec.submodules.mlp.submodules.linear_fc1 = TEColumnParallelLinear
     else:
         log.info("layer spec: megatron-core local (TransformerEngine not available)")
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
@@ -164,19 +171,12 @@ def build_llama(arch: LlamaArchitecture, params_dtype: torch.dtype = torch.float
                 lora: LoraConfig | None = None, **config_overrides) -> LlamaGPTModel:
     """The GPTModel piece this rank owns (its pipeline stage, its tensor-parallel shard); with
     ``per_document_attention`` its forward takes a [b, 1, s, s] mask (True: may not attend); with
-    ``lora`` its linear layers carry adapters (on megatron-core's local spec: TE's fused
-    layernorm-linear does not show the adapter its normalized input)."""
+    ``lora`` its linear layers carry adapters."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = arch.transformer_config(tp, pp, params_dtype, **config_overrides)
     seq_length = seq_length or arch.max_position_embeddings
-    if lora is not None:
-        if use_transformer_engine:
-            raise ValueError("train.lora: adapters need megatron-core's local layer spec, not TransformerEngine's")
-        if use_transformer_engine is None and transformer_engine_available():
-            log.info("LoRA: megatron-core local layer spec (TransformerEngine's fused layers take no adapters)")
-        use_transformer_engine = False
-    spec = layer_spec(config, use_transformer_engine, per_document_attention)
+    spec = layer_spec(config, use_transformer_engine, per_document_attention, lora=lora is not None)
     model = LlamaGPTModel(arch, config, spec, seq_length, vocab)
     if lora is not None:
         add_lora(model, lora)

@@ -1,4 +1,5 @@
-"""LoRA adapters on megatron-core's tensor-parallel linear layers, one per HF module as PEFT has them.
+"""LoRA adapters on the tensor-parallel linear layers (megatron-core's or TE's), one per HF module as
+PEFT has them.
 
 megatron-core fuses q/k/v into ``linear_qkv`` and gate/up into ``linear_fc1``; PEFT, and the LoRA
 recipes users bring (Tibetan-Llama2: rank 64, alpha 128 on q/k/v/o and the MLP), put a separate
@@ -30,6 +31,7 @@ PEFT's Kaiming-uniform.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -42,7 +44,7 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.weights import LORA_TARGETS
@@ -101,11 +103,16 @@ def _full_adapter(config: LoraConfig, layer: int, target: str, in_features: int,
 
 
 class _LoraLinear:
-    """Mixed in before megatron-core's linear class; ``adopt_lora`` turns a built layer into one."""
+    """Mixed in before a built linear layer's own class (megatron-core's or TransformerEngine's);
+    ``add_lora`` turns the layer into that subclass. Both classes take the layer's input first and
+    return (output, bias), so one forward serves them."""
 
     lora: torch.nn.ModuleDict
     lora_scaling: float
     lora_dropout: float
+    lora_sequence_parallel: bool
+    lora_split_axes: dict[str, int]
+    """State-dict entries split over TP → their split axis (the base weight's and the adapters')."""
 
     def _lora_input(self, x: torch.Tensor, sharded: bool) -> torch.Tensor:
         if not self.lora_dropout or not self.training:
@@ -115,8 +122,15 @@ class _LoraLinear:
                 return torch.nn.functional.dropout(x, self.lora_dropout)
         return torch.nn.functional.dropout(x, self.lora_dropout)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                   self.lora_split_axes, sharded_offsets,
+                                                   tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                                   dp_cp_group=metadata["dp_cp_group"])
 
-class LoraColumnParallelLinear(_LoraLinear, ColumnParallelLinear):
+
+class LoraColumnParallel(_LoraLinear):
     """linear_qkv or linear_fc1 with adapters for the HF modules it fuses."""
 
     lora_parts: tuple[str, ...]
@@ -126,14 +140,14 @@ class LoraColumnParallelLinear(_LoraLinear, ColumnParallelLinear):
     lora_groups: int
     """KV groups on this rank (linear_qkv: the output is [groups, q heads | k | v] per group)."""
 
-    def forward(self, input_, weight=None, runtime_gather_output=None):
-        output, bias = super().forward(input_, weight, runtime_gather_output)
-        x = self._lora_input(input_, sharded=self.sequence_parallel)
+    def forward(self, input_, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
+        x = self._lora_input(input_, sharded=self.lora_sequence_parallel)
         deltas = {}
         for name, pair in self.lora.items():
             xa = x @ pair.A.t()
-            if self.sequence_parallel:  # gather the rank-r product, not the hidden states
-                xa = gather_from_sequence_parallel_region(xa, tensor_parallel_output_grad=True, group=self.tp_group)
+            if self.lora_sequence_parallel:  # gather the rank-r product, not the hidden states
+                xa = gather_from_sequence_parallel_region(xa, tensor_parallel_output_grad=True)
             else:
                 xa = copy_to_tensor_model_parallel_region(xa)
             deltas[name] = (xa @ pair.B.t()) * self.lora_scaling
@@ -149,33 +163,42 @@ class LoraColumnParallelLinear(_LoraLinear, ColumnParallelLinear):
             return torch.cat(parts, dim=-1).reshape(output.shape)
         return torch.cat(parts, dim=-1)
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        axes = {"weight": 0, "bias": 0} | {f"lora.{name}.B": 0 for name in self.lora}
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, axes,
-                                                   sharded_offsets, tp_group=self.tp_group,
-                                                   dp_cp_group=metadata["dp_cp_group"])
 
-
-class LoraRowParallelLinear(_LoraLinear, RowParallelLinear):
+class LoraRowParallel(_LoraLinear):
     """linear_proj or linear_fc2 with the adapter of its HF module."""
 
-    def forward(self, input_):
-        output, bias = super().forward(input_)
+    def forward(self, input_, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
         x = self._lora_input(input_, sharded=True)
         for pair in self.lora.values():
             xa = x @ pair.A.t()  # a partial sum over this rank's input columns
-            if self.sequence_parallel:  # the output is this rank's part of the sequence
-                xa = reduce_scatter_to_sequence_parallel_region(xa, group=self.tp_group)
+            if self.lora_sequence_parallel:  # the output is this rank's part of the sequence
+                xa = reduce_scatter_to_sequence_parallel_region(xa)
             else:
                 xa = reduce_from_tensor_model_parallel_region(xa)
             output = output + (xa @ pair.B.t()) * self.lora_scaling
         return output, bias
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        axes = {"weight": 1} | {f"lora.{name}.A": 1 for name in self.lora}
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, axes,
-                                                   sharded_offsets, tp_group=self.tp_group,
-                                                   dp_cp_group=metadata["dp_cp_group"])
+
+@functools.cache
+def _with_adapters(mixin: type, base: type) -> type:
+    """``base`` (a linear layer class) with ``mixin`` first: LoraColumnParallelLinear, LoraTERowParallelLinear, …"""
+    return type("Lora" + base.__name__, (mixin, base), {"__module__": __name__})
+
+
+def _adaptable(parallel: str) -> tuple[type, ...]:
+    """The linear classes adapters attach to: megatron-core's, and TE's plain (unfused) ones.
+
+    TE's fused layernorm + linear (the TE spec's linear_qkv and linear_fc1) keeps the normalized
+    input inside, where an adapter cannot see it; ``build.layer_spec`` unfuses it under LoRA."""
+    local = ColumnParallelLinear if parallel == "column" else RowParallelLinear
+    try:
+        from megatron.core.extensions import transformer_engine as te_layers
+    except ImportError:
+        return (local,)
+    if not te_layers.HAVE_TE:  # megatron-core stands mocks in for TE's classes
+        return (local,)
+    return (local, te_layers.TEColumnParallelLinear if parallel == "column" else te_layers.TERowParallelLinear)
 
 
 def _hf_sizes(arch: LlamaArchitecture) -> dict[str, tuple[int, int]]:
@@ -204,13 +227,18 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> None:
             linears.setdefault(linear_name, (parallel, []))[1].append(target)
         for linear_name, (parallel, targets) in linears.items():
             module = layer.get_submodule(linear_name)
-            expected = ColumnParallelLinear if parallel == "column" else RowParallelLinear
-            if type(module) is not expected:
+            adaptable = _adaptable(parallel)
+            if type(module) not in adaptable:
                 raise ValueError(f"train.lora: {linear_name} is {type(module).__name__}; adapters attach to "
-                                 f"megatron-core's {expected.__name__} (the local layer spec)")
-            module.__class__ = LoraColumnParallelLinear if parallel == "column" else LoraRowParallelLinear
+                                 + " or ".join(cls.__name__ for cls in adaptable))
+            split_axis = 0 if parallel == "column" else 1
+            module.__class__ = _with_adapters(LoraColumnParallel if parallel == "column" else LoraRowParallel,
+                                              type(module))
             module.lora = torch.nn.ModuleDict()
             module.lora_scaling, module.lora_dropout = config.scaling, config.dropout
+            module.lora_sequence_parallel = model.config.sequence_parallel and tp > 1
+            module.lora_split_axes = {"weight": split_axis} | ({"bias": 0} if parallel == "column" else {}) | {
+                f"lora.{target}.{'B' if parallel == 'column' else 'A'}": split_axis for target in targets}
             for target in targets:
                 out_features, in_features = sizes[target]
                 a, b = _full_adapter(config, global_layer, target, in_features, out_features, dtype)
@@ -221,7 +249,7 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> None:
                     a = a.chunk(tp, dim=1)[tp_rank]
                 pair = LoraPair(a.to(device).contiguous(), b.to(device).contiguous())
                 sharded, replicated = (pair.B, pair.A) if parallel == "column" else (pair.A, pair.B)
-                tensor_parallel.set_tensor_model_parallel_attributes(sharded, True, 0 if parallel == "column" else 1, 1)
+                tensor_parallel.set_tensor_model_parallel_attributes(sharded, True, split_axis, 1)
                 # Under sequence parallelism the replicated factor sees this rank's part of the
                 # sequence only: megatron-core all-reduces the gradients of such parameters over TP.
                 replicated.sequence_parallel = model.config.sequence_parallel

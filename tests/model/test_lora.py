@@ -24,6 +24,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def peft_reference(tmp_path_factory):
+    return build_peft_reference(tmp_path_factory)
+
+
+def build_peft_reference(tmp_path_factory) -> dict:
+    """A random tiny LLaMA with PEFT adapters (non-zero B): its base weights saved as an HF
+    directory, its logits, loss and adapter gradients on a fixed batch (fp32, CPU)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -51,7 +57,8 @@ def peft_reference(tmp_path_factory):
                 weights=base_state | adapters, grads=grads)
 
 
-def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels, sequence_parallel: bool) -> dict:
+def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels, sequence_parallel: bool,
+                                use_transformer_engine: bool | None = None) -> dict:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -64,7 +71,7 @@ def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels, sequ
 
     arch = LlamaArchitecture.from_hf_config(hf_dir)
     model = build_llama(arch, seq_length=SEQ, lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS),
-                        sequence_parallel=sequence_parallel)
+                        use_transformer_engine=use_transformer_engine, sequence_parallel=sequence_parallel)
     load_hf_state(model, weights.__getitem__, adapters=True)
     apply_freeze_policy(model, FreezePolicy(train="none"))
     batches = [dict(tokens=tokens[i:i + 1], labels=labels[i:i + 1]) for i in range(len(tokens))]
