@@ -129,8 +129,9 @@ def _assert_continues(got: dict[int, float], expected: dict[int, float], saved: 
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", ["all", "new_vocab_rows"])
 def test_resume_at_another_tensor_parallel_size(recipe, tmp_path, reference_losses, stage):
-    """Stage 1 covers the optimizer state of the added rows, which is keyed apart from the weights.
-    Stage 2 ("all", the recipe's default) continues the module's reference run."""
+    """Stage 1 covers the optimizer state of the added rows, which is keyed apart from the weights,
+    and resumes at TP=1 × DP=2 (each replica loading the whole rows). Stage 2 ("all", the recipe's
+    default) continues the module's reference run on one process."""
     freeze = f"train.freeze={{train: {stage}}}"
     if stage == "all":
         expected = reference_losses
@@ -140,8 +141,9 @@ def test_resume_at_another_tensor_parallel_size(recipe, tmp_path, reference_loss
     run = tmp_path / "resharded"
     _run(recipe, run, 2, freeze, stop_after_step=5)
     saved = int((run / "latest").read_text().strip().split("_")[1])
-    _run(recipe, run, 1, freeze, "parallel.tp=1")
-    _assert_continues(_losses(run), expected, saved, "TP=1")
+    procs = 1 if stage == "all" else 2
+    _run(recipe, run, procs, freeze, "parallel.tp=1")
+    _assert_continues(_losses(run), expected, saved, f"TP=1 x DP={procs}")
 
 
 @pytest.mark.distributed
