@@ -14,7 +14,8 @@
 # 4. the throughput runs: 7B-shaped stage 1, ~1B stage 2 and stage 1 on one GPU (tokens/s/GPU,
 #    TFLOP/s, MFU).
 # Everything lands in RESULTS_DIR, with gpu_check.json summing it up. Without a GPU it says so
-# and exits 0 having run nothing.
+# and exits 0 having run nothing. PARTS="tests kernels throughput" (the default) picks the parts
+# of 2–4 to run, e.g. PARTS=throughput to re-measure after a change.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/gpu_check-$(hostname)}
@@ -54,13 +55,21 @@ for name in ("megatron.core", "transformer_engine", "apex", "triton", "liger_ker
 EOF
 
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1 WANDB_MODE=disabled
-$PYTHON -m pytest -m gpu tests/gpu -q -rA --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
-TESTS=${PIPESTATUS[0]}
-$PYTHON bench/linear_cross_entropy.py --device cuda --dtype bf16 --hidden 4096 --vocab 48000 \
-    --tokens 8192 16384 32768 --json "$OUT/linear_cross_entropy.json" 2>&1 | tee "$OUT/linear_cross_entropy.log"
-KERNELS=${PIPESTATUS[0]}
-$PYTHON bench/training_throughput.py --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
-THROUGHPUT=${PIPESTATUS[0]}
+PARTS=" ${PARTS:-tests kernels throughput} "
+TESTS=-1 KERNELS=-1 THROUGHPUT=-1  # -1: not run
+if [[ $PARTS == *" tests "* ]]; then
+    $PYTHON -m pytest -m gpu tests/gpu -q -rA --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+    TESTS=${PIPESTATUS[0]}
+fi
+if [[ $PARTS == *" kernels "* ]]; then
+    $PYTHON bench/linear_cross_entropy.py --device cuda --dtype bf16 --hidden 4096 --vocab 48000 \
+        --tokens 8192 16384 32768 --json "$OUT/linear_cross_entropy.json" 2>&1 | tee "$OUT/linear_cross_entropy.log"
+    KERNELS=${PIPESTATUS[0]}
+fi
+if [[ $PARTS == *" throughput "* ]]; then
+    $PYTHON bench/training_throughput.py --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
+    THROUGHPUT=${PIPESTATUS[0]}
+fi
 
 $PYTHON - "$OUT" "$TESTS" "$KERNELS" "$THROUGHPUT" <<'EOF'
 import json, sys, pathlib, torch
@@ -68,11 +77,14 @@ out, tests, kernels, throughput = pathlib.Path(sys.argv[1]), *map(int, sys.argv[
 def load(name):
     path = out / name
     return json.loads(path.read_text()) if path.exists() else None
+def code(value):
+    return None if value < 0 else value  # None: that part was not run (PARTS)
 summary = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-           "tests_exit_code": tests, "kernel_benchmark_exit_code": kernels, "throughput_exit_code": throughput,
+           "tests_exit_code": code(tests), "kernel_benchmark_exit_code": code(kernels),
+           "throughput_exit_code": code(throughput),
            "linear_cross_entropy": load("linear_cross_entropy.json"), "throughput": load("throughput.json")}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
-print(f"gpu_check: tests exit {tests}, kernel benchmark exit {kernels}, throughput exit {throughput}; "
-      f"results in {out}/gpu_check.json")
+print(f"gpu_check: tests exit {code(tests)}, kernel benchmark exit {code(kernels)}, throughput exit "
+      f"{code(throughput)} (None: not run); results in {out}/gpu_check.json")
 EOF
-[ "$TESTS" = 0 ] && [ "$KERNELS" = 0 ] && [ "$THROUGHPUT" = 0 ]
+[ "$TESTS" -le 0 ] && [ "$KERNELS" -le 0 ] && [ "$THROUGHPUT" -le 0 ]
