@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_adapt.evaluation.bits_per_byte import score_texts
+from megatron_adapt.evaluation.hf_model import DTYPES, load_causal_lm, resolve
 from megatron_adapt.text.corpus import iter_documents
 
 
@@ -44,17 +45,6 @@ def read_texts(path: Path, text_key: str, max_docs: int | None) -> list[str]:
     return texts
 
 
-def load_model(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: cannot load it as a Hugging Face causal LM ({err})") from None
-    return model.eval(), tokenizer
-
-
 def format_table(results: dict[str, dict[str, dict]]) -> list[str]:
     models = list(results)
     width = max(14, *(len(Path(m).name) + 2 for m in models))
@@ -74,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-docs", type=int, help="score the first N non-empty documents per language")
     parser.add_argument("--context", type=int, default=2048, help="window length in tokens")
     parser.add_argument("--stride", type=int, help="window step (default: half the context)")
+    parser.add_argument("--device", help="where to run the models (default: cuda if there is a GPU, else cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--output", default="evaluation.json", help="JSON file for every figure")
     args = parser.parse_args(argv)
@@ -82,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty()
     try:
+        device, dtype = resolve(args.device, args.dtype)
         data = {lang: read_texts(path, args.text_key, args.max_docs) for lang, path in args.data}
         results: dict[str, dict[str, dict]] = {}
         for path in args.model:
-            model, tokenizer = load_model(path)
+            model, tokenizer = load_causal_lm(path, str(device), dtype)
             context = min(args.context, getattr(model.config, "max_position_embeddings", args.context))
             results[path] = {lang: score_texts(model, tokenizer, texts, context, args.stride, progress,
                                                desc=f"{Path(path).name} {lang}").as_dict()
@@ -95,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\n".join(format_table(results)))
     Path(args.output).write_text(json.dumps({"models": results, "data": {lang: str(p) for lang, p in args.data},
-                                             "context": args.context, "stride": args.stride}, indent=2))
+                                             "context": args.context, "stride": args.stride,
+                                             "device": str(device), "dtype": dtype}, indent=2))
     print(f"written: {args.output}")
     return 0
 

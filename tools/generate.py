@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from megatron_adapt.evaluation.hf_model import DTYPES, load_causal_lm
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -23,19 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system", help="--chat: a system message (default: the template's own)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--device", help="default: cuda if there is a GPU, else cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        model, tokenizer = load_causal_lm(args.model, args.device, args.dtype)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.chat and not tokenizer.chat_template:
         print(f"error: {args.model} has no chat template; export with "
               "tools/convert_checkpoint.py megatron-to-hf --chat-template NAME", file=sys.stderr)
         return 2
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     torch.manual_seed(0)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
     def complete(ids: torch.Tensor) -> str:
+        ids = ids.to(model.device)
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                              pad_token_id=tokenizer.eos_token_id)
         return tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True).strip()

@@ -129,6 +129,28 @@ def test_tool_table_json_and_bad_input(tokenizers, tmp_path, capsys):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_tool_runs_where_and_how_it_is_told(tokenizers, tmp_path, capsys):
+    """--dtype bf16 scores in bf16 (close to fp32, not equal to it) and says so in the JSON; a
+    device that is not there is refused before any model is loaded."""
+    base, _ = tokenizers
+    model = _save(_model(len(base)), base, tmp_path / "base")
+    vi = tmp_path / "vi.txt"
+    vi.write_text("\n".join(TEXTS) + "\n")
+    figures = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["--model", model, "--data", f"vi={vi}", "--context", "64", "--device", "cpu", "--dtype", dtype,
+                     "--output", str(out)]) == 0
+        written = json.loads(out.read_text())
+        assert (written["device"], written["dtype"]) == ("cpu", dtype)
+        figures[dtype] = written["models"][model]["vi"]["bits_per_byte"]
+    assert figures["bf16"] != figures["fp32"], "--dtype bf16 did not reach the model"
+    assert figures["bf16"] == pytest.approx(figures["fp32"], rel=2e-2), f"bf16 scoring is off: {figures}"
+    if not torch.cuda.is_available():
+        assert main(["--model", model, "--data", f"vi={vi}", "--device", "cuda", "--output", str(tmp_path / "x.json")]) == 2
+        assert "--device cuda: no CUDA device on this machine" in capsys.readouterr().err
+
+
 def test_lm_eval_runs_the_shipped_tasks_offline(tokenizers, tmp_path, monkeypatch):
     """lm-evaluation-harness on a tiny exported model with the shipped local tasks gives the bits per
     byte tools/evaluate.py gives on the same paragraphs (each fits one window of both).
