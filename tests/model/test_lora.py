@@ -8,6 +8,7 @@
   vocabulary rows training beside the adapters: every base weight (transformer and base rows)
   stays bit-identical, and optimizer state exists exactly for the adapters and the added rows on
   each rank.
+- The adapters' dropout draws one mask where TP ranks share an input and one per rank otherwise.
 - Bad LoRA settings are refused by key while the config is read.
 """
 
@@ -169,6 +170,52 @@ def test_lora_steps_keep_the_base_and_hold_state_for_adapters_and_new_rows(peft_
             assert not torch.equal(after[name][BASE_VOCAB:], tensor[BASE_VOCAB:]), f"added rows of {name} did not train"
         elif "lora_B" not in name:
             assert torch.equal(after[name], tensor), f"frozen base weight {name} changed"
+
+
+def _rank_lora_dropout_masks(hf_dir: str, tokens, sequence_parallel: bool) -> list[tuple[str, bool, torch.Tensor]]:
+    """(linear class, sharded, dropped-input mask) of each adapter dropout in a training forward."""
+    from megatron_adapt.checkpoint.hf import load_hf_checkpoint
+    from megatron_adapt.model import lora
+    from megatron_adapt.model.build import build_llama
+    from megatron_adapt.model.config import LlamaArchitecture
+    from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
+    from megatron_adapt.training.step import forward_backward
+
+    model = build_llama(LlamaArchitecture.from_hf_config(hf_dir), seq_length=SEQ, sequence_parallel=sequence_parallel,
+                        lora=lora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, dropout=0.5))
+    load_hf_checkpoint(model, hf_dir)
+    apply_freeze_policy(model, FreezePolicy(train="none"))
+    masks, dropout = [], lora._LoraLinear._lora_input
+
+    def recording(self, x, sharded):
+        out = dropout(self, x, sharded)
+        masks.append((type(self).__name__, sharded, (out == 0) & (x != 0)))
+        return out
+
+    lora._LoraLinear._lora_input = recording
+    forward_backward(model.train(), [dict(tokens=tokens, labels=torch.roll(tokens, -1, 1))])
+    return masks
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["", "sequence-parallel"])
+def test_lora_dropout_masks_follow_the_tensor_parallel_split(peft_reference, sequence_parallel):
+    """The adapters' dropout at TP=2 in a training forward: where both TP ranks hold the same input
+    (column-parallel without SP) they drop the same entries, or A's all-reduced gradient would mix
+    two masks; where each holds its own part (row-parallel columns, the sequence under SP) each
+    rank draws its own mask. (Under SP megatron-core runs the whole block in the TP rank's RNG
+    stream already; without SP the first case fails if the adapters fork that stream.)"""
+    tokens = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3))
+    first, second = run_ranks(_rank_lora_dropout_masks, peft_reference["dir"], tokens, sequence_parallel, tp=2)
+    assert len(first) == len(second) == 8, f"expected 2 layers × 4 adapted linears per rank, got {len(first)}"
+    for (linear, sharded, mask), (_, _, other) in zip(first, second):
+        assert 0.4 < mask.float().mean() < 0.6, f"{linear}: dropped {mask.float().mean():.2f} of the input, not ~0.5"
+        column = linear.startswith("LoraColumn")
+        assert sharded == (not column or sequence_parallel), f"{linear}: sharded={sharded}"
+        if sharded:
+            assert not torch.equal(mask, other), f"{linear}: both TP ranks drew the same mask for different inputs"
+        else:
+            assert torch.equal(mask, other), f"{linear}: TP ranks dropped different entries of the same input"
 
 
 @pytest.mark.parametrize("settings,message", [
