@@ -3,7 +3,9 @@
     torchrun --nproc-per-node 8 -m megatron_adapt.pretrain --config configs/stage1_7b.yaml \
         --set train.steps=2000 --set checkpoint.save=runs/stage1
 
-Re-running the same command resumes from the run's latest complete checkpoint.
+Re-running the same command resumes from the run's latest complete checkpoint. ``--check`` refuses
+what the run would refuse (config, files, model, tokenizer, checkpoint) and prints the run
+directory, without training: launch scripts call it before asking for GPUs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file (configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--check", action="store_true", help="check the run and print its directory; no training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron.core", "megatron.core.datasets"):
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # ConfigError and the model/tokenizer checks are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.check:
+        print(config.checkpoint.save)
+        return 0
     train(config, plan)
     return 0
 
