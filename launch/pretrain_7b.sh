@@ -22,8 +22,7 @@
 set -euo pipefail
 CONFIG=${1:?usage: sbatch launch/pretrain_7b.sh CONFIG.yaml [--set key=value ...]}
 shift
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-mkdir -p logs
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"   # logs/ is in the repository: Slurm opens --output before this runs
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
