@@ -110,6 +110,7 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
             _log_step(sink, iteration, steps, evaluate(model, valid_sets, config, iteration, byte_rates))
         stop = distributed.any_rank(_STOP["requested"])
         if stop or iteration % config.checkpoint.save_interval == 0 or iteration == steps:
+            gather_parameters(model)
             train_state.save(run_dir, iteration, model, optimizer, scheduler, consumed, to_dict(config),
                              config.checkpoint.keep)
         if stop:
@@ -120,6 +121,15 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
         (run_dir / "done").write_text(str(iteration))
     distributed.destroy()
     return metrics
+
+
+def gather_parameters(model: DistributedDataParallel) -> None:
+    """Make every rank's parameters whole now. With ``overlap_param_gather`` the distributed
+    optimizer updates this rank's shard and leaves the all-gather to the next forward's hooks, so a
+    checkpoint written in between would hold the other ranks' shards one step old (Megatron-LM
+    gathers before saving too)."""
+    if model.ddp_config.overlap_param_gather:
+        model.start_param_sync(force_sync=True)
 
 
 def build_model(config: Config, plan: RunPlan, load_weights: bool = True) -> DistributedDataParallel:

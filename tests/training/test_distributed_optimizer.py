@@ -5,8 +5,10 @@ trainable rows).
 
 Its step runs on CPU (loading its checkpoints needs TE or apex, which CPU runs do not have): after
 two steps every weight equals the replicated optimizer's bit for bit, in fp32 and in bf16 with
-fp32 master weights, the added rows moved and nothing else did. The replicated optimizer's
-checkpoint at this layout saves and loads back every Adam moment.
+fp32 master weights, the added rows moved and nothing else did. With the parameter all-gather
+overlapped (the 7B configs' ``ddp.overlap_param_gather``) the other rank's half of the added rows
+is still a step old after the step; the loop's gather before a save makes them whole. The
+replicated optimizer's checkpoint at this layout saves and loads back every Adam moment.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from megatron_adapt.checkpoint import train_state
+from megatron_adapt.training.loop import gather_parameters
 from megatron_adapt.training.optim import build_scheduler
 from tests.multiprocess import run_ranks
 
@@ -35,14 +38,22 @@ def _rank_two_steps(run_dir: str) -> dict:
     from megatron_adapt.training.optim import build_optimizer
     from megatron_adapt.training.step import forward_backward
 
-    def build(dtype, distributed):
+    def build(dtype, distributed, overlap_param_gather=False):
         model = build_llama(arch, params_dtype=dtype, seq_length=SEQ, vocab=policy.vocab_layout(BASE))
         apply_freeze_policy(model, policy)
         config = Config()
         config.optim.bf16, config.optim.lr = dtype == torch.bfloat16, 1e-2
         ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed))
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, overlap_param_gather=overlap_param_gather))
         return model, ddp, build_optimizer(config, ddp, dtype, distributed), config
+
+    def steps(ddp, optimizer):
+        for _ in range(2):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            forward_backward(ddp, [dict(tokens=tokens, labels=torch.roll(tokens, -1, 1))])
+            finalize_model_grads([ddp])
+            optimizer.step()
 
     arch = LlamaArchitecture(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -54,12 +65,7 @@ def _rank_two_steps(run_dir: str) -> dict:
             torch.manual_seed(0)
             model, ddp, optimizer, config = build(dtype, distributed)
             before = export_hf_state(model)
-            for _ in range(2):
-                ddp.zero_grad_buffer()
-                optimizer.zero_grad()
-                forward_backward(ddp, [dict(tokens=tokens, labels=torch.roll(tokens, -1, 1))])
-                finalize_model_grads([ddp])
-                optimizer.step()
+            steps(ddp, optimizer)
             out[str(dtype), distributed] = dict(before=before, after=export_hf_state(model),
                                                 rows=model.embedding.word_embeddings.trainable_rows.numel())
             if dtype == torch.float32 and not distributed:
@@ -69,6 +75,14 @@ def _rank_two_steps(run_dir: str) -> dict:
                 _, fresh_ddp, fresh, config = build(dtype, distributed)
                 train_state.load(Path(run_dir) / "iter_0000002", fresh_ddp, fresh, build_scheduler(config, fresh))
                 out["moments", "loaded"] = _moments(fresh)
+    # Overlapped parameter gather: after the step each rank's parameters are whole only once the
+    # next forward (or the loop's gather before a save) has all-gathered the other ranks' shards.
+    torch.manual_seed(0)
+    model, ddp, optimizer, _ = build(torch.float32, True, overlap_param_gather=True)
+    steps(ddp, optimizer)
+    out["overlap", "before gather"] = export_hf_state(model)
+    gather_parameters(ddp)
+    out["overlap", "after gather"] = export_hf_state(model)
     return out
 
 
@@ -103,3 +117,10 @@ def test_distributed_optimizer_steps_equal_the_replicated_ones(tmp_path):
                     assert moved[:BASE].max() == 0 and moved[BASE:].max() > 0, f"rank {rank} {dtype}: {name} rows"
                 else:
                     assert moved.max() == 0, f"rank {rank} {dtype}: frozen {name} moved"
+        replicated = result[str(torch.float32), False]["after"]
+        stale = [n for n, t in result["overlap", "before gather"].items() if not torch.equal(t, replicated[n])]
+        if tp_rank == 1:  # the rank holding the added rows: half of them updated by the other DP rank
+            assert stale, f"rank {rank}: overlapped parameter gather left nothing to gather (the test lost its point)"
+        for name, expected in replicated.items():
+            assert torch.equal(result["overlap", "after gather"][name], expected), \
+                f"rank {rank}: {name} after the pre-save gather differs from the replicated optimizer's"
