@@ -49,7 +49,7 @@ export OMP_NUM_THREADS=8 WANDB_MODE=${WANDB_MODE:-offline}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-540}
 
 echo "job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES nodes, master $MASTER_ADDR, run $RUN_DIR, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-LAUNCH=(torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$GPUS_PER_NODE"
+LAUNCH=($PYTHON -m torch.distributed.run --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$GPUS_PER_NODE"
         --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID")
 
 set +e
