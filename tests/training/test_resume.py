@@ -180,7 +180,7 @@ def test_lora_run_resumes_and_exports(recipe, tmp_path):
     """A LoRA run with the added rows training (sequence parallel at TP=2): its checkpoints hold
     adapters and vocabulary tables, not the frozen base; after SIGTERM it resumes bit-identically at
     TP=2 and within rounding at TP=1; exported merged, its logits equal PEFT's over the exported
-    base and adapter."""
+    base and adapter. At CP=2 (4 processes) it gives the same losses within float32 rounding."""
     from megatron.core import dist_checkpointing
 
     from megatron_adapt.checkpoint.format import CheckpointMeta
@@ -206,6 +206,12 @@ def test_lora_run_resumes_and_exports(recipe, tmp_path):
     _run(recipe, run, 1, *LORA, "parallel.tp=1")
     _assert_continues(_losses(run), expected, second, "LoRA TP=1")
     _check_lora_exports(run, tmp_path)
+
+    context_parallel = tmp_path / "context-parallel"  # adapters' gradients reduced over DP×CP too
+    _run(recipe, context_parallel, 4, *LORA, "parallel.context_parallel=2")
+    for step, want in expected.items():
+        got = _losses(context_parallel)[step]
+        assert abs(got - want) <= 1e-5 * want, f"step {step}: LoRA at CP=2 loss {got} vs {want} at CP=1"
 
 
 def _check_lora_exports(run: Path, tmp_path: Path) -> None:
