@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from megatron_adapt.training.config import load_config
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config key, e.g. optim.lr=3e-4 (repeatable)")
     parser.add_argument("--check", action="store_true", help="check the run and print its directory; no training")
     args = parser.parse_args(argv)
+    # megatron-core's TP and SP overlap assume kernels run in issue order: one hardware queue
+    # (read when CUDA starts, so here; the launch scripts set it too).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron.core", "megatron.core.datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
