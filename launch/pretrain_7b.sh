@@ -29,6 +29,9 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-python}
 CONTAINER=${CONTAINER:-}   # e.g. nvcr.io/nvidia/pytorch:25.01-py3 via pyxis: srun --container-image
+# Slurm 22.05+ srun no longer takes --cpus-per-task from the job: without this, torchrun and its
+# eight workers (and their data threads) would share one core.
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 SRUN=(srun --kill-on-bad-exit=1)
 [ -n "$CONTAINER" ] && SRUN+=(--container-image "$CONTAINER" --container-mounts "$PWD:$PWD" --container-workdir "$PWD")
 TRAIN=(-m megatron_adapt.pretrain --config "$CONFIG" "$@")
