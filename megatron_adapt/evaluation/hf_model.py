@@ -20,6 +20,8 @@ def resolve(device: str | None, dtype: str | None) -> tuple[torch.device, str]:
         raise ValueError(f"--device {device!r}: {err}") from None
     if where.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device on this machine")
+    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     dtype = dtype or ("bf16" if where.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
