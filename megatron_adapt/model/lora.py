@@ -111,8 +111,10 @@ class _LoraLinear:
     lora_scaling: float
     lora_dropout: float
     lora_sequence_parallel: bool
-    lora_split_axes: dict[str, int]
-    """State-dict entries split over TP → their split axis (the base weight's and the adapters')."""
+    lora_base_axes: dict[str, int]
+    """The base layer's state-dict entries split over TP → their split axis."""
+    lora_split_factor: str
+    """The adapter factor split like the base weight (B for column-parallel, A for row-parallel)."""
 
     def _lora_input(self, x: torch.Tensor, sharded: bool) -> torch.Tensor:
         if not self.lora_dropout or not self.training:
@@ -124,14 +126,19 @@ class _LoraLinear:
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
+        split = self.lora_base_axes["weight"]
+        axes = self.lora_base_axes | {f"lora.{name}.{self.lora_split_factor}": split for name in self.lora}
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
-                                                   self.lora_split_axes, sharded_offsets,
+                                                   axes, sharded_offsets,
                                                    tp_group=parallel_state.get_tensor_model_parallel_group(),
                                                    dp_cp_group=metadata["dp_cp_group"])
 
 
 class LoraColumnParallel(_LoraLinear):
     """linear_qkv or linear_fc1 with adapters for the HF modules it fuses."""
+
+    lora_base_axes = {"weight": 0, "bias": 0}
+    lora_split_factor = "B"
 
     lora_parts: tuple[str, ...]
     """The HF modules this linear fuses, in the order of its output (q, k, v or gate, up)."""
@@ -166,6 +173,9 @@ class LoraColumnParallel(_LoraLinear):
 
 class LoraRowParallel(_LoraLinear):
     """linear_proj or linear_fc2 with the adapter of its HF module."""
+
+    lora_base_axes = {"weight": 1}
+    lora_split_factor = "A"
 
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
@@ -231,14 +241,12 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> None:
             if type(module) not in adaptable:
                 raise ValueError(f"train.lora: {linear_name} is {type(module).__name__}; adapters attach to "
                                  + " or ".join(cls.__name__ for cls in adaptable))
-            split_axis = 0 if parallel == "column" else 1
-            module.__class__ = _with_adapters(LoraColumnParallel if parallel == "column" else LoraRowParallel,
-                                              type(module))
+            mixin = LoraColumnParallel if parallel == "column" else LoraRowParallel
+            split_axis = mixin.lora_base_axes["weight"]
+            module.__class__ = _with_adapters(mixin, type(module))
             module.lora = torch.nn.ModuleDict()
             module.lora_scaling, module.lora_dropout = config.scaling, config.dropout
             module.lora_sequence_parallel = model.config.sequence_parallel and tp > 1
-            module.lora_split_axes = {"weight": split_axis} | ({"bias": 0} if parallel == "column" else {}) | {
-                f"lora.{target}.{'B' if parallel == 'column' else 'A'}": split_axis for target in targets}
             for target in targets:
                 out_features, in_features = sizes[target]
                 a, b = _full_adapter(config, global_layer, target, in_features, out_features, dtype)
