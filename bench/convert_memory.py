@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_adapt.checkpoint.streaming import plan_shards, write_shard  # noqa: E402
+from megatron_adapt.checkpoint.convert import write_hf_shards  # noqa: E402
 from megatron_adapt.model.config import LlamaArchitecture  # noqa: E402
 from megatron_adapt.model.weights import hf_shapes  # noqa: E402
 
@@ -42,16 +42,10 @@ def make_random_llama(directory: Path, tokenizer: str, shard_bytes: int) -> int:
     def random(name: str) -> torch.Tensor:
         return torch.randn(shapes[name], generator=generator) * 0.02
 
-    weight_map, largest = {}, 0
-    shards = plan_shards(shapes, torch.bfloat16, shard_bytes)
-    for i, names in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        largest = max(largest, write_shard(directory / name, names, shapes, torch.bfloat16, random))
-        weight_map |= {n: name for n in names}
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_hf_shards(arch, random, directory, torch.bfloat16, shard_bytes)
     (directory / "config.json").write_text(json.dumps(arch.to_hf_config()))
     shutil.copy(tokenizer, directory / "tokenizer.model")
-    return largest
+    return max(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
 def save_training_checkpoint(start: Path, out: Path) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -45,10 +44,10 @@ def child(shape: str, stage: str, seq: int, micro_batch: int, micro_batches: int
     from megatron_adapt import distributed
     from megatron_adapt.model.config import LlamaArchitecture
     from megatron_adapt.training.config import Config
-    from megatron_adapt.training.loop import build_model
-    from megatron_adapt.training.optim import build_optimizer, build_scheduler, optimizer_kind_for_this_machine
-    from megatron_adapt.training.plan import RunPlan
-    from megatron_adapt.training.step import forward_backward
+    from megatron_adapt.training.loop import build_model, train_step
+    from megatron_adapt.training.metrics import Throughput
+    from megatron_adapt.training.optim import build_optimizer, build_scheduler
+    from megatron_adapt.training.plan import random_weights_plan
 
     cuda = torch.cuda.is_available()
     hidden, ffn, layers, heads, kv = SHAPES[shape]
@@ -66,10 +65,7 @@ def child(shape: str, stage: str, seq: int, micro_batch: int, micro_batches: int
     config.train.recompute = recompute
     config.train.freeze.train = "all" if stage == "stage2" else "new_vocab_rows"
     distributed.initialize(1, 1)
-    plan = RunPlan(arch=arch, source=None, resuming=False, start=None, base_vocab=vocab - vocab // 3,
-                   base_tokenizer="", tokenizer=None, eod_id=2, blend=[],
-                   params_dtype=torch.bfloat16 if cuda else torch.float32,
-                   distributed_optimizer=optimizer_kind_for_this_machine() == "distributed")
+    plan = random_weights_plan(arch, config, base_vocab=vocab - vocab // 3)
     model = build_model(config, plan, load_weights=False)
     optimizer = build_optimizer(config, model, plan.params_dtype, plan.distributed_optimizer)
     scheduler = build_scheduler(config, optimizer)
@@ -78,26 +74,23 @@ def child(shape: str, stage: str, seq: int, micro_batch: int, micro_batches: int
     batches = [{"tokens": torch.randint(0, vocab, (micro_batch, seq), device=device, generator=gen),
                 "labels": torch.randint(0, vocab, (micro_batch, seq), device=device, generator=gen)}
                for _ in range(micro_batches)]
-    times = []
+    gbs = config.train.global_batch_size
+    steps_timed = []
     for step in range(warmup + steps):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        forward_backward(model, batches)
-        optimizer.step()
-        scheduler.step(increment=config.train.global_batch_size)
+        train_step(model, optimizer, scheduler, batches, gbs)
         if cuda:
             torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    tokens_per_s = micro_batch * micro_batches * seq / seconds
-    tflops = tokens_per_s * arch.training_flops_per_token(seq) / 1e12
+        end = time.perf_counter()
+        if step >= warmup:  # the loop's own throughput maths, over this one step
+            throughput = Throughput(gbs * seq, arch.training_flops_per_token(seq), 1, peak_tflops, start)
+            steps_timed.append((end - start, throughput.report(1, end)))
+    seconds, figures = sorted(steps_timed, key=lambda t: t[0])[len(steps_timed) // 2]  # the median step
     result = {"run": f"{shape}:{stage}", "seq": seq, "micro_batch": micro_batch, "micro_batches": micro_batches,
-              "recompute": recompute, "step_s": seconds, "tokens_per_s_per_device": tokens_per_s,
-              "tflops_per_device": tflops, "mfu": tflops / peak_tflops if cuda else None,
+              "recompute": recompute, "step_s": seconds, "tokens_per_s_per_device": figures["tokens_per_s_per_device"],
+              "tflops_per_device": figures["tflops_per_device"], "mfu": figures["mfu"] if cuda else None,
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "device": torch.cuda.get_device_name() if cuda else "cpu"}
     distributed.destroy()

@@ -11,10 +11,10 @@ directory, without training: launch scripts call it before asking for GPUs.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from megatron_adapt.log_setup import setup_logging
 from megatron_adapt.training.config import load_config
 
 
@@ -28,9 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core's TP and SP overlap assume kernels run in issue order: one hardware queue
     # (read when CUDA starts, so here; the launch scripts set it too).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("megatron.core", "megatron.core.datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     from megatron_adapt.training.loop import train
     from megatron_adapt.training.plan import plan_run
 

@@ -15,27 +15,22 @@ SAMPLE = ROOT / "data" / "sample"
 
 @pytest.fixture(scope="session")
 def recipe(tmp_path_factory) -> Path:
-    from tools.extend_tokenizer import main as extend
-    from tools.make_blend import main as blend
-    from tools.make_tiny_llama import main as tiny
-    from tools.preprocess_data import main as preprocess
-    from tools.train_base_tokenizer import main as train_base
+    from megatron_adapt import recipe as steps
 
     r = tmp_path_factory.mktemp("recipe")
-    assert train_base(["--corpus", str(SAMPLE / "en_gutenberg.jsonl.xz"), "--vocab-size", "1000",
-                       "--output", str(r / "base_tokenizer" / "tokenizer.model")]) == 0
-    assert extend(["--base-model", str(r / "base_tokenizer" / "tokenizer.model"), "--corpus",
-                   str(SAMPLE / "vi_wiki.jsonl.xz"), "--num-new-tokens", "500", "--lang", "vi",
-                   "--output-dir", str(r / "tokenizer")]) == 0
-    assert tiny(["--tokenizer", str(r / "base_tokenizer" / "tokenizer.model"), "--output", str(r / "base_llama"),
-                 "--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"]) == 0
+    tok, data = "$WORK/tokenizer/tokenizer.model", "$WORK/data"
+    steps.run([
+        steps.base_tokenizer_step(str(SAMPLE / "en_gutenberg.jsonl.xz"), 1000, "$WORK/base_tokenizer/tokenizer.model"),
+        steps.extend_step("$WORK/base_tokenizer/tokenizer.model", str(SAMPLE / "vi_wiki.jsonl.xz"), None, 500, "vi",
+                          "$WORK/tokenizer"),
+        steps.tiny_llama_step("$WORK/base_tokenizer/tokenizer.model", "$BASE_MODEL", "--hidden", "64", "--intermediate",
+                              "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"),
+        steps.preprocess_step("vi", ("--input", str(SAMPLE / "vi_wiki.jsonl.xz")), tok, f"{data}/vi", "--append-eod"),
+        steps.preprocess_step("mt", ("--parallel", str(SAMPLE / "tatoeba.en.xz"), str(SAMPLE / "tatoeba.vi.xz")), tok,
+                              f"{data}/mt", "--append-eod"),
+        steps.blend_step({"mt": (1, f"{data}/mt"), "vi": (1, f"{data}/vi")}, "$WORK/blend.json"),
+    ], ROOT, r, r / "base_llama", log_dir=r / "logs")
     tok = str(r / "tokenizer" / "tokenizer.model")
-    assert preprocess(["--input", str(SAMPLE / "vi_wiki.jsonl.xz"), "--tokenizer-model", tok,
-                       "--output-prefix", str(r / "data" / "vi"), "--append-eod"]) == 0
-    assert preprocess(["--parallel", str(SAMPLE / "tatoeba.en.xz"), str(SAMPLE / "tatoeba.vi.xz"),
-                       "--tokenizer-model", tok, "--output-prefix", str(r / "data" / "mt"), "--append-eod"]) == 0
-    assert blend(["--group", f"mt=1:{r / 'data' / 'mt'}", "--group", f"vi=1:{r / 'data' / 'vi'}",
-                  "--output", str(r / "blend.json")]) == 0
     config = {
         "model": {"hf_dir": str(r / "base_llama"), "tokenizer": tok,
                   "base_tokenizer": str(r / "base_tokenizer" / "tokenizer.model")},

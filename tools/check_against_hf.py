@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megatron_adapt import distributed
 from megatron_adapt.checkpoint.hf import HFCheckpointReader, load_hf_checkpoint, save_hf_checkpoint
+from megatron_adapt.log_setup import setup_logging
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.tiny import make_tiny_llama
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--export-dir", help="also write the megatron-core model back as HF here")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logits diff| in fp32")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
 
     start = time.time()
     work_dir = Path(args.work_dir)

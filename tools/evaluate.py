@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from megatron_adapt.evaluation.bits_per_byte import score_texts
-from megatron_adapt.evaluation.hf_model import DTYPES, load_causal_lm, resolve
+from megatron_adapt.evaluation.hf_model import DTYPES, device_and_dtype, load_causal_lm
+from megatron_adapt.log_setup import setup_logging
 from megatron_adapt.text.corpus import iter_documents
 
 
@@ -69,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--output", default="evaluation.json", help="JSON file for every figure")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty()
     try:
-        device, dtype = resolve(args.device, args.dtype)
+        device, dtype = device_and_dtype(args.device, args.dtype)
         data = {lang: read_texts(path, args.text_key, args.max_docs) for lang, path in args.data}
         results: dict[str, dict[str, dict]] = {}
         for path in args.model:

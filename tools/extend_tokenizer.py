@@ -15,9 +15,9 @@ AutoTokenizer.from_pretrained(OUT) works offline) and report.json.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from megatron_adapt.log_setup import setup_logging
 from megatron_adapt.tokenizer.extend import ExtendConfig, extend_tokenizer, iter_summary
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="encoding threads (0: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = ExtendConfig(
             base_model=args.base_model, corpus=args.corpus, num_new_tokens=args.num_new_tokens,

@@ -15,12 +15,12 @@ completes the last shard merges them. Templated inputs also write OUT_targetmask
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from megatron_adapt.data.chat import TEMPLATE_NAMES
 from megatron_adapt.data.preprocess import PreprocessConfig, preprocess
+from megatron_adapt.log_setup import setup_logging
 from megatron_adapt.text.corpus import BadInputError
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-shards", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
     parser.add_argument("--no-merge", action="store_true", help="leave the shards; do not write OUT")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     kind, inputs = ("parallel", args.parallel) if args.parallel else \
         ("instructions", args.instructions) if args.instructions else ("text", args.input)
     try:

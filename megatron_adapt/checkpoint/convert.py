@@ -12,7 +12,6 @@ looks complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,14 +22,16 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from megatron_adapt import distributed
+from megatron_adapt.atomic import atomic_dir
 from megatron_adapt.checkpoint.dist_reader import DistCheckpointReader
 from megatron_adapt.checkpoint.format import (
-    WEIGHTS_DIST,
     WEIGHTS_HF,
     CheckpointMeta,
     commit,
-    resolve,
+    resolve_checkpoint,
     staging_dir,
+    weights_dir,
+    weights_kind,
 )
 from megatron_adapt.checkpoint.hf import INDEX_NAME, HFCheckpointReader
 from megatron_adapt.checkpoint.lora_export import ADAPTER_DIR, lora_run_reader, merged, write_peft_adapter
@@ -86,11 +87,6 @@ def check_complete(reader: HFCheckpointReader, arch: LlamaArchitecture) -> None:
             raise CheckpointMismatchError(f"tensor {name}: checkpoint shape {got} != shape {shape} implied by the config")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
 def hf_to_megatron(hf_dir: str | Path, tokenizer_dir: str | Path, output: str | Path,
                    base_tokenizer: str | Path | None = None, init: InitMethod = "subword-mean",
                    dtype: torch.dtype | None = None, tp: int = 1, pp: int = 1,
@@ -106,16 +102,15 @@ def hf_to_megatron(hf_dir: str | Path, tokenizer_dir: str | Path, output: str | 
     arch = arch.with_vocab_size(get(RESIZED[0]).shape[0])
     arch.check_parallel_layout(tp, pp)
     out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model_dir = staging_dir(tmp, 0) / WEIGHTS_HF
-    model_dir.mkdir(parents=True)
-    write_hf_shards(arch, get, model_dir, dtype or reader["model.norm.weight"].dtype, max_shard_bytes)
-    (model_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
-    meta = CheckpointMeta(iteration=0, consumed_samples=0, layout={"tp": tp, "pp": pp, "world": 0}, contents=["model"],
-                          config={"converted_from": str(hf_dir), "tokenizer": str(tokenizer), "init": init})
-    commit(tmp, meta, arch)
-    _replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        model_dir = staging_dir(tmp, 0) / WEIGHTS_HF
+        model_dir.mkdir(parents=True)
+        write_hf_shards(arch, get, model_dir, dtype or reader["model.norm.weight"].dtype, max_shard_bytes)
+        (model_dir / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
+        meta = CheckpointMeta(iteration=0, consumed_samples=0, layout={"tp": tp, "pp": pp, "world": 0},
+                              contents=["model"],
+                              converted_from={"hf_dir": str(hf_dir), "tokenizer": str(tokenizer), "init": init})
+        commit(tmp, meta, arch)
     return out
 
 
@@ -131,14 +126,26 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
     training checkpoint."""
     if chat_template is not None and chat_template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {chat_template!r}; expected one of {', '.join(CHAT_TEMPLATES)}")
-    source = resolve(checkpoint)
+    source = resolve_checkpoint(checkpoint)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else _recorded_tokenizer_dir(source)
     locate(tok_dir)  # refuse a directory without a tokenizer before writing anything
     out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if (source / WEIGHTS_DIST).exists():
+    with atomic_dir(out) as tmp:
+        arch = _write_hf_model(source, tmp, dtype, max_shard_bytes, lora_export, str(out))
+        config = arch.to_hf_config()
+        config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "do_sample": True,
+                      "temperature": 0.7, "top_p": 0.9, "max_length": arch.max_position_embeddings}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        export_tokenizer(tok_dir, tmp, chat_template)
+    return out
+
+
+def _write_hf_model(source: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int,
+                    lora_export: Literal["merge", "peft"], base_name: str) -> LlamaArchitecture:
+    """The weights of checkpoint ``source`` as HF shards in ``out``; returns its architecture."""
+    if weights_kind(source) == "dist":
         distributed.initialize()
         try:
             reader = DistCheckpointReader(source)
@@ -146,27 +153,18 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
             if reader.adapters_only:
                 get = lora_run_reader(reader)
                 if lora_export == "peft":
-                    write_peft_adapter(reader.arch, get, reader.lora, tmp / ADAPTER_DIR, dtype, str(out))
+                    write_peft_adapter(reader.arch, get, reader.lora, out / ADAPTER_DIR, dtype, base_name)
                 else:
                     get = merged(get, reader.lora)
-            write_hf_shards(reader.arch, get, tmp, dtype, max_shard_bytes)
+            write_hf_shards(reader.arch, get, out, dtype, max_shard_bytes)
         finally:
             distributed.destroy()
-        arch = reader.arch
-    else:  # a converted start checkpoint: HF layout already
-        hf_reader = HFCheckpointReader(source / WEIGHTS_HF)
-        arch = LlamaArchitecture.from_hf_config(source / WEIGHTS_HF)
-        check_complete(hf_reader, arch)
-        write_hf_shards(arch, hf_reader.__getitem__, tmp, dtype, max_shard_bytes)
-    config = arch.to_hf_config()
-    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "do_sample": True,
-                  "temperature": 0.7, "top_p": 0.9, "max_length": arch.max_position_embeddings}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    export_tokenizer(tok_dir, tmp, chat_template)
-    _replace_dir(tmp, out)
-    return out
+        return reader.arch
+    hf_reader = HFCheckpointReader(weights_dir(source))  # a converted start: HF layout already
+    arch = LlamaArchitecture.from_hf_config(weights_dir(source))
+    check_complete(hf_reader, arch)
+    write_hf_shards(arch, hf_reader.__getitem__, out, dtype, max_shard_bytes)
+    return arch
 
 
 def export_tokenizer(tok_dir: Path, out: Path, chat_template: str | None = None) -> None:

@@ -13,7 +13,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_adapt.checkpoint.format import CheckpointMeta, in_adapter_checkpoint
+from megatron_adapt.checkpoint.format import WEIGHTS_DIST, CheckpointMeta, in_adapter_checkpoint, weights_kind
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.lora import LoraConfig
 from megatron_adapt.model.weights import (
@@ -34,21 +34,22 @@ class DistCheckpointReader:
     says their rank, alpha and targets) and the vocabulary tables; its base is its start's."""
 
     def __init__(self, checkpoint: str | Path) -> None:
-        self.directory = Path(checkpoint) / "dist"
+        if weights_kind(checkpoint) != "dist":
+            raise ValueError(f"{checkpoint}: a converted start (HF shards), not a training checkpoint")
+        self.checkpoint = Path(checkpoint)
+        self.directory = self.checkpoint / WEIGHTS_DIST
         self.arch = LlamaArchitecture.from_hf_config(checkpoint)
-        meta = CheckpointMeta.read(checkpoint)
-        self.adapters_only = meta.adapters_only
-        lora = meta.config.get("train", {}).get("lora")
-        self.lora = LoraConfig(**lora) if lora else None
-        self.shapes = hf_shapes(self.arch, self.lora.rank, tuple(self.lora.targets)) if self.lora else hf_shapes(self.arch)
-        targets = tuple(self.lora.targets) if self.lora else ()
+        self.meta = CheckpointMeta.read(checkpoint)
+        self.adapters_only = self.meta.adapters_only
+        self.lora = LoraConfig(**self.meta.lora) if self.meta.lora else None
+        self.shapes = hf_shapes(self.arch, self.lora)
         self.stored = dist_checkpointing.load_tensors_metadata(str(self.directory))
         self.sources: dict[str, tuple[str, int | None, Rule, int]] = {}
-        for key, layer, rule in checkpoint_rules(self.arch, targets):
+        for key, layer, rule in checkpoint_rules(self.arch, self.lora):
             if key in self.stored:
                 self._check_shape(key, layer, rule)
                 self.sources.update({hf: (key, layer, rule, j) for j, hf in enumerate(rule.hf_names)})
-        for key, layer, rule in checkpoint_rules(self.arch, targets):
+        for key, layer, rule in checkpoint_rules(self.arch, self.lora):
             if self.adapters_only and not in_adapter_checkpoint(key):
                 continue  # the frozen base lives in the run's start
             missing = [hf for hf in rule.hf_names if hf not in self.sources]

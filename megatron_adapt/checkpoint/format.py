@@ -23,7 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_adapt import atomic
 from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.lora import is_adapter_key
 
 META_NAME = "meta.json"
 POINTER_NAME = "latest"
@@ -33,6 +35,8 @@ WEIGHTS_HF = "model"
 """Subdirectory of a start checkpoint: HF-layout safetensors shards."""
 
 OptimizerKind = Literal["distributed", "replicated"]
+WeightsKind = Literal["dist", "hf"]
+"""How a checkpoint holds its weights: megatron-core distributed (training) or HF shards (a converted start)."""
 
 
 @dataclasses.dataclass
@@ -50,8 +54,11 @@ class CheckpointMeta:
     optimizer: OptimizerKind | None = None
     """'distributed' (state sharded over DP) or 'replicated': their states do not mix."""
     scheduler: dict[str, Any] | None = None
-    config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The training config of the run, or for a converted start what it was converted from."""
+    run_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The training config of the run that saved it (empty for a converted start)."""
+    converted_from: dict[str, Any] | None = None
+    """For a converted start (``convert.hf_to_megatron``): the HF directory ("hf_dir"), the tokenizer
+    and the init method of the added rows."""
 
     @property
     def resumable(self) -> bool:
@@ -64,7 +71,13 @@ class CheckpointMeta:
     @property
     def tokenizer(self) -> str | None:
         """The tokenizer model the checkpoint was trained or converted with, if recorded."""
-        return self.config.get("model", {}).get("tokenizer") or self.config.get("tokenizer") or None
+        return (self.run_config.get("model", {}).get("tokenizer")
+                or (self.converted_from or {}).get("tokenizer") or None)
+
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """The run's ``train.lora`` settings, if it trained adapters."""
+        return self.run_config.get("train", {}).get("lora")
 
     @classmethod
     def read(cls, checkpoint: str | Path) -> "CheckpointMeta":
@@ -72,6 +85,13 @@ class CheckpointMeta:
         if not path.exists():
             raise FileNotFoundError(f"{checkpoint}: not a complete megatron-adapt checkpoint (no {META_NAME})")
         data = json.loads(path.read_text())
+        if "config" in data:  # written before run_config and converted_from were apart
+            legacy = data.pop("config")
+            if "converted_from" in legacy:
+                data["converted_from"] = {"hf_dir": legacy["converted_from"]} | {
+                    k: v for k, v in legacy.items() if k != "converted_from"}
+            else:
+                data["run_config"] = legacy
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -82,7 +102,22 @@ class CheckpointMeta:
 def in_adapter_checkpoint(key: str) -> bool:
     """Whether a LoRA run's checkpoint holds this (megatron-core state) key: adapters and the
     vocabulary tables (their trained rows), not the frozen base."""
-    return ".lora." in key or key.startswith(("embedding.", "output_layer."))
+    return is_adapter_key(key) or key.startswith(("embedding.", "output_layer."))
+
+
+def weights_kind(checkpoint: str | Path) -> WeightsKind:
+    """How a complete checkpoint (``iter_N``) holds its weights."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / WEIGHTS_DIST).is_dir():
+        return "dist"
+    if (checkpoint / WEIGHTS_HF).is_dir():
+        return "hf"
+    raise FileNotFoundError(f"{checkpoint}: holds neither {WEIGHTS_DIST}/ (training) nor {WEIGHTS_HF}/ (converted) weights")
+
+
+def weights_dir(checkpoint: str | Path) -> Path:
+    """Where a complete checkpoint's weights are: its ``dist/`` or its ``model/``."""
+    return Path(checkpoint) / (WEIGHTS_DIST if weights_kind(checkpoint) == "dist" else WEIGHTS_HF)
 
 
 def iteration_name(iteration: int) -> str:
@@ -105,7 +140,7 @@ def latest(run_dir: str | Path) -> Path | None:
     return path
 
 
-def resolve(checkpoint: str | Path) -> Path:
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
     """A run directory's latest complete checkpoint, or the ``iter_N`` directory given."""
     checkpoint = Path(checkpoint)
     path = latest(checkpoint) if (checkpoint / POINTER_NAME).exists() else checkpoint
@@ -122,9 +157,7 @@ def commit(run_dir: str | Path, meta: CheckpointMeta, arch: LlamaArchitecture, k
     (staged / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
     (staged / META_NAME).write_text(meta.to_json())
     os.replace(staged, final)
-    pointer_tmp = run_dir / f".{POINTER_NAME}.tmp"
-    pointer_tmp.write_text(final.name)
-    os.replace(pointer_tmp, run_dir / POINTER_NAME)
+    atomic.write_text(run_dir / POINTER_NAME, final.name)
     complete = sorted(p for p in run_dir.glob("iter_???????") if (p / META_NAME).exists())
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -9,7 +9,6 @@ what makes the directory a complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_adapt.atomic import atomic_file, write_text
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.weights import export_hf_state, load_hf_state
 
@@ -98,10 +98,9 @@ def save_hf_checkpoint(model: torch.nn.Module, directory: str | Path,
     shard_name = f"model-{pp_rank + 1:05d}-of-{pp_size:05d}.safetensors"
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{shard_name}.tmp"
-        save_file({k: (v.to(dtype) if dtype else v).contiguous() for k, v in state.items()}, tmp,
-                  metadata={"format": "pt"})
-        os.replace(tmp, directory / shard_name)
+        with atomic_file(directory / shard_name) as tmp:
+            save_file({k: (v.to(dtype) if dtype else v).contiguous() for k, v in state.items()}, tmp,
+                      metadata={"format": "pt"})
     written = ({k: (shard_name, v.numel() * (v.to(dtype) if dtype else v).element_size())
                 for k, v in state.items()} if writer else {})
     gathered: list[dict[str, tuple[str, int]]] = [{} for _ in range(dist.get_world_size())]
@@ -114,7 +113,5 @@ def save_hf_checkpoint(model: torch.nn.Module, directory: str | Path,
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         index = {"metadata": {"total_size": sum(size for _, size in entries.values())},
                  "weight_map": {k: entries[k][0] for k in sorted(entries)}}
-        tmp = directory / f".{INDEX_NAME}.tmp"
-        tmp.write_text(json.dumps(index, indent=2))
-        os.replace(tmp, directory / INDEX_NAME)
+        write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
     dist.barrier()

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_adapt.checkpoint.dist_reader import DistCheckpointReader
-from megatron_adapt.checkpoint.format import WEIGHTS_DIST, WEIGHTS_HF, CheckpointMeta, latest
+from megatron_adapt.checkpoint.format import latest, weights_dir, weights_kind
 from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.model.config import LlamaArchitecture
-from megatron_adapt.model.lora import LoraConfig
-from megatron_adapt.model.weights import LORA_TARGETS, hf_shapes, is_adapter
+from megatron_adapt.model.lora import LoraConfig, adapted_module, is_adapter_key
+from megatron_adapt.model.weights import hf_shapes
 
 Getter = Callable[[str], torch.Tensor]
 ADAPTER_DIR = "adapter"
@@ -33,9 +33,9 @@ def base_reader(run_config: dict) -> Getter:
         start = latest(model["init_from"])
         if start is None:
             raise FileNotFoundError(f"{model['init_from']}: the LoRA run's start (model.init_from) has no checkpoint")
-        if (start / WEIGHTS_DIST).exists():
+        if weights_kind(start) == "dist":
             return DistCheckpointReader(start).__getitem__
-        return HFCheckpointReader(start / WEIGHTS_HF).__getitem__
+        return HFCheckpointReader(weights_dir(start)).__getitem__
     if not model.get("hf_dir") or not Path(model["hf_dir"]).is_dir():
         raise FileNotFoundError(f"{model.get('hf_dir')!r}: the LoRA run's base (model.hf_dir) is not here; "
                                 "export from the directory the run was started in")
@@ -44,21 +44,15 @@ def base_reader(run_config: dict) -> Getter:
 
 def lora_run_reader(reader: DistCheckpointReader) -> Getter:
     """The LoRA checkpoint's tensors (adapters, vocabulary tables) over its base's."""
-    base = base_reader(CheckpointMeta.read(reader.directory.parent).config)
+    base = base_reader(reader.meta.run_config)
     return lambda name: reader[name] if name in reader.sources else base(name)
-
-
-def _adapted(name: str, lora: LoraConfig) -> str | None:
-    """The HF module of a base weight that carries an adapter (``…q_proj``), else None."""
-    module = name.removesuffix(".weight")
-    return module if any(module.endswith("." + LORA_TARGETS[t][1]) for t in lora.targets) else None
 
 
 def merged(get: Getter, lora: LoraConfig) -> Getter:
     """Base weights with ``alpha/rank · B @ A`` added where an adapter sits (in fp32)."""
     def tensor(name: str) -> torch.Tensor:
         weight = get(name)
-        module = _adapted(name, lora)
+        module = adapted_module(name, lora)
         if module is None:
             return weight
         delta = get(f"{module}.lora_B.weight").float() @ get(f"{module}.lora_A.weight").float()
@@ -71,7 +65,7 @@ def write_peft_adapter(arch: LlamaArchitecture, get: Getter, lora: LoraConfig, o
     """``out/adapter_model.safetensors`` + ``adapter_config.json``, loadable with
     ``PeftModel.from_pretrained(model, out)`` over the base exported beside it."""
     out.mkdir(parents=True, exist_ok=True)
-    names = [n for n in hf_shapes(arch, lora.rank, tuple(lora.targets)) if is_adapter(n)]
+    names = [n for n in hf_shapes(arch, lora) if is_adapter_key(n)]
     save_file({f"base_model.model.{n}": get(n).to(dtype).contiguous() for n in names},
               str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from megatron_adapt.atomic import atomic_file
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
                 torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
@@ -46,8 +47,7 @@ def write_shard(path: str | Path, names: list[str], shapes: dict[str, tuple[int,
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned, as safetensors does
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for name in names:
             tensor = get(name).to(dtype).contiguous()
@@ -57,5 +57,4 @@ def write_shard(path: str | Path, names: list[str], shapes: dict[str, tuple[int,
             del tensor
             if on_tensor is not None:
                 on_tensor()
-    os.replace(tmp, path)
     return offset

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.serialization import (
     get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
 )
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelLoadStrategyWrapper,
     FullyParallelSaveStrategyWrapper,
@@ -34,16 +34,18 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_adapt.checkpoint.format import (
     WEIGHTS_DIST,
-    WEIGHTS_HF,
     CheckpointMeta,
     OptimizerKind,
     commit,
     in_adapter_checkpoint,
     iteration_name,
     staging_dir,
+    weights_dir,
+    weights_kind,
 )
 from megatron_adapt.checkpoint.hf import load_hf_checkpoint
 from megatron_adapt.model.build import unwrap
+from megatron_adapt.model.lora import is_adapter_key
 from megatron_adapt.model.vocab import trainable_row_shards
 
 log = logging.getLogger(__name__)
@@ -82,20 +84,16 @@ def _rng_object() -> ShardedObject:
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _has_lora(module) -> bool:
-    return getattr(module, "lora_config", None) is not None
-
-
 def _model_state(module, adapters_only: bool) -> dict[str, Any]:
     """The model's sharded state: with LoRA adapters either only them and the vocabulary tables
     (what a LoRA run trains and saves) or everything but the adapters (a whole-model checkpoint
     it starts from)."""
     state = module.sharded_state_dict()
-    if not _has_lora(module):
+    if module.lora is None:
         return state
     if adapters_only:
         return {k: v for k, v in state.items() if in_adapter_checkpoint(k)}
-    return {k: v for k, v in state.items() if ".lora." not in k}
+    return {k: v for k, v in state.items() if not is_adapter_key(k)}
 
 
 def sharded_state(model, optimizer=None, with_rng: bool = False, loading: bool = False,
@@ -127,7 +125,7 @@ def write_dist(state: dict[str, Any], directory: Path) -> None:
 
 
 def save(run_dir: str | Path, iteration: int, model, optimizer=None, scheduler=None, consumed_samples: int = 0,
-         config: dict[str, Any] | None = None, keep: int = 0) -> Path:
+         run_config: dict[str, Any] | None = None, keep: int = 0) -> Path:
     """Collective: every rank writes its part; global rank 0 completes the checkpoint.
 
     Without an optimizer only the weights are saved: a checkpoint to start a stage from.
@@ -139,7 +137,7 @@ def save(run_dir: str | Path, iteration: int, model, optimizer=None, scheduler=N
         (staged / WEIGHTS_DIST).mkdir(parents=True)
     dist.barrier()
     resumable = optimizer is not None
-    adapters = _has_lora(unwrap(model))
+    adapters = unwrap(model).lora is not None
     write_dist(sharded_state(model, optimizer, with_rng=resumable, adapters_only=adapters), staged / WEIGHTS_DIST)
     final = Path(run_dir) / iteration_name(iteration)
     if rank == 0:
@@ -147,7 +145,7 @@ def save(run_dir: str | Path, iteration: int, model, optimizer=None, scheduler=N
                               contents=["adapters" if adapters else "model"] + (["optimizer", "rng"] if resumable else []),
                               optimizer=optimizer_kind(optimizer) if resumable else None,
                               scheduler=scheduler.state_dict() if scheduler is not None else None,
-                              config=config or {})
+                              run_config=run_config or {})
         commit(run_dir, meta, unwrap(model).architecture, keep)
     dist.barrier()
     if rank == 0:
@@ -170,8 +168,8 @@ def load(path: Path, model, optimizer=None, scheduler=None) -> CheckpointMeta:
     if optimizer is not None and not meta.resumable:
         raise FileNotFoundError(f"{path} holds no optimizer state (a converted or weights-only checkpoint): "
                                 "start from it with model.init_from instead of resuming")
-    if not (path / WEIGHTS_DIST).exists():  # a converted start: HF layout
-        load_hf_checkpoint(unwrap(model), path / WEIGHTS_HF)
+    if weights_kind(path) == "hf":  # a converted start
+        load_hf_checkpoint(unwrap(model), weights_dir(path))
         return meta
     same_layout = ({"cp": 1} | meta.layout) == _layout()  # checkpoints from before CP have no "cp"
     directory = str(path / WEIGHTS_DIST)
@@ -180,7 +178,7 @@ def load(path: Path, model, optimizer=None, scheduler=None) -> CheckpointMeta:
     strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), _dp_group())
     loaded = dist_checkpointing.load(state, directory, sharded_strategy=strategy)
     # Under LoRA a checkpoint holds a part of the model (the adapters, or the base); the rest stays.
-    unwrap(model).load_state_dict(loaded["model"], strict=not _has_lora(unwrap(model)))
+    unwrap(model).load_state_dict(loaded["model"], strict=unwrap(model).lora is None)
     if optimizer is None:
         return meta
     optimizer.load_state_dict(loaded["optimizer"])

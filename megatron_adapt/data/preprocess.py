@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator, Literal, get_args
 
 import numpy as np
 
+from megatron_adapt.atomic import remove_stale, temporary_name, write_text
 from megatron_adapt.data.chat import TEMPLATE_NAMES, ChatEncoder, conversation, load_chat_tokenizer, render
 from megatron_adapt.data.fast_encode import ByteLevelEncoder, FastEncoder, make_encoder
 from megatron_adapt.data.indexed import MASK_SUFFIX, IndexedWriter, optimal_dtype, read_index
@@ -192,7 +193,7 @@ def _write_shard(segment_batches: Iterator[list[Segments]], encoder: Encoder,
     """Encode and write one shard under temporary names; returns its counts."""
     dtype = optimal_dtype(encoder.vocab_size)
     templated = config.kind != "text"
-    tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
+    tmp = temporary_name(prefix)
     tokens_out = IndexedWriter(f"{tmp}.bin", dtype)
     masks_out = IndexedWriter(f"{tmp}{MASK_SUFFIX}.bin", np.uint8) if templated else None
     counts = {"documents": 0, "empty_documents": 0, "tokens": 0, "target_tokens": 0, "text_bytes": 0}
@@ -247,8 +248,7 @@ def _write_shard(segment_batches: Iterator[list[Segments]], encoder: Encoder,
 
 def remove_temporaries(prefix: Path) -> None:
     """Delete half-written files of this shard (from a failure, or a run that was killed)."""
-    for stale in prefix.parent.glob(f".{glob.escape(prefix.name)}.tmp*"):
-        stale.unlink(missing_ok=True)
+    remove_stale(prefix)
 
 
 def process_shard(inputs: list[Path], prefix: Path, encoder: Encoder,
@@ -273,16 +273,10 @@ def process_shard(inputs: list[Path], prefix: Path, encoder: Encoder,
     stats = {"inputs": [str(p) for p in inputs], **counts, "input_bytes": input_bytes,
              "bad_lines": len(bad_lines), "bad_line_examples": [str(b) for b in bad_lines[:20]],
              "seconds": round(seconds, 3), "tokens_per_second": round(counts["tokens"] / max(seconds, 1e-9))}
-    _write_json_atomic(Path(f"{prefix}.stats.json"), stats)
+    write_text(f"{prefix}.stats.json", json.dumps(stats, indent=2, ensure_ascii=False))
     for b in bad_lines[:5]:
         log.warning("skipped %s", b)
     return stats
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 # --- the whole corpus ------------------------------------------------------------------------
@@ -307,7 +301,7 @@ def merge_shards(prefixes: list[Path], output_prefix: str, templated: bool) -> N
     suffixes = ["", MASK_SUFFIX] if templated else [""]
     for suffix in suffixes:
         dtype, _, _ = read_index(f"{prefixes[0]}{suffix}.idx")
-        tmp = f"{Path(output_prefix).parent}/.{Path(output_prefix).name}{suffix}.tmp{os.getpid()}"
+        tmp = temporary_name(f"{output_prefix}{suffix}")
         writer = IndexedWriter(f"{tmp}.bin", dtype)
         for prefix in prefixes:
             writer.add_dataset(f"{prefix}{suffix}")
@@ -352,5 +346,5 @@ def preprocess(config: PreprocessConfig) -> dict | None:
              "bad_line_examples": [e for s in shard_stats for e in s["bad_line_examples"]][:20],
              "tokenizer_model": config.tokenizer_model, "vocab_size": encoder.vocab_size,
              "config": {k: v for k, v in asdict(config).items() if k != "progress"}}
-    _write_json_atomic(Path(f"{config.output_prefix}.stats.json"), stats)
+    write_text(f"{config.output_prefix}.stats.json", json.dumps(stats, indent=2, ensure_ascii=False))
     return stats

@@ -12,7 +12,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve(device: str | None, dtype: str | None) -> tuple[torch.device, str]:
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, str]:
     """The device and dtype name to load with: the defaults above, or the ones asked for, checked."""
     try:
         where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -33,7 +33,7 @@ def load_causal_lm(path: str, device: str | None = None, dtype: str | None = Non
     refused with its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, dtype = resolve(device, dtype)
+    where, dtype = device_and_dtype(device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])

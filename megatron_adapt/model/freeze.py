@@ -1,7 +1,7 @@
 """Freeze policies: which parameters a training stage updates.
 
 Stage 1 trains only the rows of added tokens. That split is a property of the vocabulary layers,
-declared when the model is built (``FreezePolicy.vocab_layout`` → ``model.vocab.VocabLayout``);
+declared when the model is built (``FreezePolicy.first_trainable_row`` → ``build_llama``);
 this module then switches ``requires_grad`` off for everything else, and for any parameter a
 pattern names. Input (embedding) and output rows can be named apart, for staged schedules such as
 EEVE's (new input rows → new input and output rows → whole vocabulary → everything), each stage a
@@ -17,7 +17,8 @@ from typing import Literal, get_args
 
 import torch
 
-from megatron_adapt.model.vocab import VocabLayout, trainable_table_param
+from megatron_adapt.model.lora import is_adapter_key
+from megatron_adapt.model.vocab import trainable_table_param
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,18 @@ class FreezePolicy:
     def new_rows_only(self) -> bool:
         return self.train.startswith("new_")
 
-    def vocab_layout(self, base_vocab_size: int, fused: bool = False) -> VocabLayout:
-        """The vocabulary layers this policy needs (rows from ``base_vocab_size`` on train alone)."""
-        return VocabLayout(first_trainable=base_vocab_size if self.new_rows_only else None, fused=fused)
+    def first_trainable_row(self, base_vocab_size: int) -> int | None:
+        """The row split this policy needs when the model is built: rows from ``base_vocab_size`` on
+        train alone, or None (no split)."""
+        return base_vocab_size if self.new_rows_only else None
 
 
 def apply_freeze_policy(model: torch.nn.Module, policy: FreezePolicy) -> int:
     """Set what trains; returns this rank's trainable parameter count."""
     if policy.train != "all":
-        layout = getattr(model, "vocab_layout", None)
-        if policy.new_rows_only and (layout is None or layout.first_trainable is None):
+        if policy.new_rows_only and model.first_trainable_row is None:
             raise ValueError(f"train={policy.train} needs a model built with the vocabulary rows split "
-                             "(build_llama(..., vocab=policy.vocab_layout(base_vocab_size)))")
+                             "(build_llama(..., first_trainable_row=policy.first_trainable_row(base_vocab_size)))")
         parts = VOCAB_PARTS[policy.train]
         if getattr(model, "share_embeddings_and_output_weights", False) and len(parts) == 1:
             raise ValueError(f"train={policy.train}: the model ties its embedding and output layer, so input "
@@ -72,7 +73,7 @@ def apply_freeze_policy(model: torch.nn.Module, policy: FreezePolicy) -> int:
             if tables[part] is not None and (param := trainable_table_param(tables[part])) is not None:
                 param.requires_grad = True
     for name, param in model.named_parameters():
-        if ".lora." in name:
+        if is_adapter_key(name):
             param.requires_grad = True
     for name, param in model.named_parameters():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in policy.freeze):

@@ -23,16 +23,21 @@ or reduce-scattered along it (row) in place of the copy and all-reduce, which mo
 token instead of the hidden size's; the replicated factor then sees part of the sequence, so its
 gradient is partial and marked ``sequence_parallel`` for megatron-core to all-reduce over TP.
 
-Adapters are created full-size from a generator seeded by layer and module, then sharded, so a
-run starts from the same adapters at any TP/PP layout. B starts at zero (PEFT's default), A with
-PEFT's Kaiming-uniform.
+The adapters are declared when the model is built: ``build.layer_spec(lora=...)`` names the
+adapted linear classes (``lora_linear``), whose constructor allocates this rank's A and B, and
+``init_adapters`` then fills them from a generator seeded by layer and module (full size, then
+sharded), so a run starts from the same adapters at any TP/PP layout. B starts at zero (PEFT's
+default), A with PEFT's Kaiming-uniform.
+
+This module owns everything LoRA names: the PEFT targets, their HF module names, the state-dict
+keys of the adapters (``is_adapter_key``) and their HF tensors and shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+from typing import ClassVar, Literal
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -44,12 +49,66 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
-from megatron_adapt.model.config import LlamaArchitecture
-from megatron_adapt.model.weights import LORA_TARGETS
+Parallel = Literal["column", "row"]
 
+LORA_TARGETS: dict[str, tuple[str, str, Parallel]] = {
+    "q_proj": ("self_attention.linear_qkv", "self_attn.q_proj", "column"),
+    "k_proj": ("self_attention.linear_qkv", "self_attn.k_proj", "column"),
+    "v_proj": ("self_attention.linear_qkv", "self_attn.v_proj", "column"),
+    "o_proj": ("self_attention.linear_proj", "self_attn.o_proj", "row"),
+    "gate_proj": ("mlp.linear_fc1", "mlp.gate_proj", "column"),
+    "up_proj": ("mlp.linear_fc1", "mlp.up_proj", "column"),
+    "down_proj": ("mlp.linear_fc2", "mlp.down_proj", "row"),
+}
+"""PEFT target name → (the megatron-core linear holding it, the HF module, how that linear is split)."""
 ALL_TARGETS = tuple(LORA_TARGETS)
+FUSED_PARTS: dict[str, tuple[str, ...]] = {"self_attention.linear_qkv": ("q_proj", "k_proj", "v_proj"),
+                                           "mlp.linear_fc1": ("gate_proj", "up_proj")}
+"""The HF modules a column-parallel megatron-core linear fuses, in the order of its output."""
+
+
+def is_adapter_key(name: str) -> bool:
+    """Whether a parameter, state-dict key or HF tensor name is a LoRA adapter's
+    (``….lora.q_proj.A`` in megatron-core, ``….q_proj.lora_A.weight`` in HF/PEFT)."""
+    return ".lora." in name or ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_layer_rules() -> dict[str, tuple[tuple[str, ...], str]]:
+    """Each adapter's layer-relative megatron-core name → (its HF name, its TP layout in
+    ``model.weights``' terms): A replicated and B row-split on a column-parallel linear, A
+    column-split and B replicated on a row-parallel one."""
+    rules = {}
+    for target, (linear, hf, parallel) in LORA_TARGETS.items():
+        rules[f"{linear}.lora.{target}.A"] = ((f"{hf}.lora_A.weight",), "replicated" if parallel == "column" else "columns")
+        rules[f"{linear}.lora.{target}.B"] = ((f"{hf}.lora_B.weight",), "rows" if parallel == "column" else "replicated")
+    return rules
+
+
+def adapter_state_keys(targets: tuple[str, ...] | list[str]) -> set[str]:
+    """The layer-relative megatron-core names of the adapters on ``targets``."""
+    return {f"{LORA_TARGETS[t][0]}.lora.{t}.{m}" for t in targets for m in "AB"}
+
+
+def adapter_hf_shapes(layer_prefix: str, base_shapes: dict[str, tuple[int, ...]], config: "LoraConfig") -> dict[str, tuple[int, ...]]:
+    """PEFT's adapter tensors of one layer (``model.layers.N.``) with their shapes, from the base shapes."""
+    shapes = {}
+    for target in config.targets:
+        module = layer_prefix + LORA_TARGETS[target][1]
+        out_features, in_features = base_shapes[f"{module}.weight"]
+        shapes[f"{module}.lora_A.weight"] = (config.rank, in_features)
+        shapes[f"{module}.lora_B.weight"] = (out_features, config.rank)
+    return shapes
+
+
+def adapted_module(hf_name: str, config: "LoraConfig") -> str | None:
+    """The HF module of a base weight that carries an adapter (``…q_proj``), else None."""
+    module = hf_name.removesuffix(".weight")
+    return module if any(module.endswith("." + LORA_TARGETS[t][1]) for t in config.targets) else None
 
 
 @dataclasses.dataclass
@@ -83,6 +142,14 @@ class LoraConfig:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    def linears(self) -> dict[str, tuple[Parallel, tuple[str, ...]]]:
+        """Each adapted megatron-core linear (layer-relative name) → (how it is split, its targets)."""
+        out: dict[str, tuple[Parallel, tuple[str, ...]]] = {}
+        for target in self.targets:
+            linear, _, parallel = LORA_TARGETS[target]
+            out[linear] = (parallel, out.get(linear, (parallel, ()))[1] + (target,))
+        return out
+
 
 class LoraPair(torch.nn.Module):
     """One HF module's adapter on this rank: ``A`` [rank, in], ``B`` [out, rank] (local shards)."""
@@ -93,28 +160,64 @@ class LoraPair(torch.nn.Module):
         self.B = torch.nn.Parameter(b)
 
 
-def _full_adapter(config: LoraConfig, layer: int, target: str, in_features: int, out_features: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + layer * 101 + ALL_TARGETS.index(target))
-    a = torch.empty(config.rank, in_features)
-    bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)), PEFT's init of lora_A
-    a.uniform_(-bound, bound, generator=generator)
-    return a.to(dtype), torch.zeros(out_features, config.rank, dtype=dtype)
+def _hf_sizes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of each HF module, from megatron-core's TransformerConfig."""
+    h, q, kv, ffn = (config.hidden_size, config.num_attention_heads * config.kv_channels,
+                     config.num_query_groups * config.kv_channels, config.ffn_hidden_size)
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (ffn, h), "up_proj": (ffn, h), "down_proj": (h, ffn)}
 
 
 class _LoraLinear:
-    """Mixed in before a built linear layer's own class (megatron-core's or TransformerEngine's);
-    ``add_lora`` turns the layer into that subclass. Both classes take the layer's input first and
-    return (output, bias), so one forward serves them."""
+    """Mixed in before a linear layer's own class (megatron-core's or TransformerEngine's) by
+    ``lora_linear``. Both classes take the layer's input first and return (output, bias), so one
+    forward serves them."""
 
-    lora: torch.nn.ModuleDict
-    lora_scaling: float
-    lora_dropout: float
-    lora_sequence_parallel: bool
-    lora_base_axes: dict[str, int]
+    lora_config: ClassVar[LoraConfig]
+    lora_targets: ClassVar[tuple[str, ...]]
+    """The HF modules adapted on this linear."""
+    lora_base_axes: ClassVar[dict[str, int]]
     """The base layer's state-dict entries split over TP → their split axis."""
-    lora_split_factor: str
+    lora_split_factor: ClassVar[str]
     """The adapter factor split like the base weight (B for column-parallel, A for row-parallel)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = kwargs["config"]
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.lora_scaling, self.lora_dropout = self.lora_config.scaling, self.lora_config.dropout
+        self.lora_sequence_parallel = config.sequence_parallel and tp > 1
+        self.lora = torch.nn.ModuleDict()
+        sizes, rank, split = _hf_sizes(config), self.lora_config.rank, self.lora_base_axes["weight"]
+        for target in self.lora_targets:
+            out_features, in_features = sizes[target]
+            if self.lora_split_factor == "B":
+                out_features //= tp
+            else:
+                in_features //= tp
+            pair = LoraPair(torch.zeros(rank, in_features, dtype=config.params_dtype, device=self.weight.device),
+                            torch.zeros(out_features, rank, dtype=config.params_dtype, device=self.weight.device))
+            sharded, replicated = (pair.B, pair.A) if self.lora_split_factor == "B" else (pair.A, pair.B)
+            tensor_parallel.set_tensor_model_parallel_attributes(sharded, True, split, 1)
+            # Under sequence parallelism the replicated factor sees this rank's part of the
+            # sequence only: megatron-core all-reduces the gradients of such parameters over TP.
+            replicated.sequence_parallel = config.sequence_parallel
+            self.lora[target] = pair
+
+    def reset_adapters(self, layer: int) -> None:
+        """A from the generator of (seed, global layer, module), this rank's shard of it; B zero."""
+        tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        with torch.no_grad():
+            for target, pair in self.lora.items():
+                seed = self.lora_config.seed * 1_000_003 + layer * 101 + ALL_TARGETS.index(target)
+                in_features = pair.A.shape[1] * (tp if self.lora_split_factor == "A" else 1)
+                a = torch.empty(pair.A.shape[0], in_features)
+                bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)), PEFT's init of lora_A
+                a.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
+                if self.lora_split_factor == "A":
+                    a = a.chunk(tp, dim=1)[tp_rank]
+                pair.A.copy_(a)
+                pair.B.zero_()
 
     def _lora_input(self, x: torch.Tensor, sharded: bool) -> torch.Tensor:
         if not self.lora_dropout or not self.training:
@@ -139,13 +242,18 @@ class LoraColumnParallel(_LoraLinear):
 
     lora_base_axes = {"weight": 0, "bias": 0}
     lora_split_factor = "B"
-
-    lora_parts: tuple[str, ...]
+    lora_parts: ClassVar[tuple[str, ...]]
     """The HF modules this linear fuses, in the order of its output (q, k, v or gate, up)."""
-    lora_part_sizes: tuple[int, ...]
-    """Their output rows on this rank."""
-    lora_groups: int
-    """KV groups on this rank (linear_qkv: the output is [groups, q heads | k | v] per group)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = kwargs["config"]
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        sizes = _hf_sizes(config)
+        self.lora_part_sizes = tuple(sizes[p][0] // tp for p in self.lora_parts)
+        """Their output rows on this rank."""
+        self.lora_groups = config.num_query_groups // tp if "q_proj" in self.lora_parts else 0
+        """KV groups on this rank (linear_qkv: the output is [groups, q heads | k | v] per group)."""
 
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
@@ -190,13 +298,7 @@ class LoraRowParallel(_LoraLinear):
         return output, bias
 
 
-@functools.cache
-def _with_adapters(mixin: type, base: type) -> type:
-    """``base`` (a linear layer class) with ``mixin`` first: LoraColumnParallelLinear, LoraTERowParallelLinear, …"""
-    return type("Lora" + base.__name__, (mixin, base), {"__module__": __name__})
-
-
-def _adaptable(parallel: str) -> tuple[type, ...]:
+def _adaptable(parallel: Parallel) -> tuple[type, ...]:
     """The linear classes adapters attach to: megatron-core's, and TE's plain (unfused) ones.
 
     TE's fused layernorm + linear (the TE spec's linear_qkv and linear_fc1) keeps the normalized
@@ -211,60 +313,25 @@ def _adaptable(parallel: str) -> tuple[type, ...]:
     return (local, te_layers.TEColumnParallelLinear if parallel == "column" else te_layers.TERowParallelLinear)
 
 
-def _hf_sizes(arch: LlamaArchitecture) -> dict[str, tuple[int, int]]:
-    """(out, in) of each HF module."""
-    h, hd = arch.hidden_size, arch.head_dim
-    return {"q_proj": (arch.num_attention_heads * hd, h), "k_proj": (arch.num_key_value_heads * hd, h),
-            "v_proj": (arch.num_key_value_heads * hd, h), "o_proj": (h, arch.num_attention_heads * hd),
-            "gate_proj": (arch.intermediate_size, h), "up_proj": (arch.intermediate_size, h),
-            "down_proj": (h, arch.intermediate_size)}
+def lora_linear(linear_name: str, base: type, config: LoraConfig) -> type:
+    """The class a layer spec names for ``linear_name`` (``self_attention.linear_qkv``, …) to carry
+    ``config``'s adapters: ``base`` (a megatron-core or TE linear) with the mixin first."""
+    parallel, targets = config.linears()[linear_name]
+    adaptable = _adaptable(parallel)
+    if base not in adaptable:
+        raise ValueError(f"train.lora: {linear_name} is {base.__name__}; adapters attach to "
+                         + " or ".join(cls.__name__ for cls in adaptable))
+    mixin = LoraColumnParallel if parallel == "column" else LoraRowParallel
+    attrs = {"__module__": __name__, "lora_config": config, "lora_targets": targets}
+    if parallel == "column":
+        attrs["lora_parts"] = FUSED_PARTS[linear_name]
+    return type("Lora" + base.__name__, (mixin, base), attrs)
 
 
-def add_lora(model: torch.nn.Module, config: LoraConfig) -> None:
-    """Give this rank's transformer layers their adapters (weights of the base layers untouched)."""
-    arch: LlamaArchitecture = model.architecture
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    sizes = _hf_sizes(arch)
-    dtype = model.config.params_dtype
-    fused_parts = {"self_attention.linear_qkv": ("q_proj", "k_proj", "v_proj"),
-                   "mlp.linear_fc1": ("gate_proj", "up_proj")}
+def init_adapters(model: torch.nn.Module) -> None:
+    """Initialize every adapter of this rank's layers (``reset_adapters`` with its global layer)."""
     for layer in model.decoder.layers:
-        global_layer = layer.layer_number - 1
-        linears = {}
-        for target in config.targets:
-            linear_name, _, parallel = LORA_TARGETS[target]
-            linears.setdefault(linear_name, (parallel, []))[1].append(target)
-        for linear_name, (parallel, targets) in linears.items():
-            module = layer.get_submodule(linear_name)
-            adaptable = _adaptable(parallel)
-            if type(module) not in adaptable:
-                raise ValueError(f"train.lora: {linear_name} is {type(module).__name__}; adapters attach to "
-                                 + " or ".join(cls.__name__ for cls in adaptable))
-            mixin = LoraColumnParallel if parallel == "column" else LoraRowParallel
-            split_axis = mixin.lora_base_axes["weight"]
-            module.__class__ = _with_adapters(mixin, type(module))
-            module.lora = torch.nn.ModuleDict()
-            module.lora_scaling, module.lora_dropout = config.scaling, config.dropout
-            module.lora_sequence_parallel = model.config.sequence_parallel and tp > 1
-            for target in targets:
-                out_features, in_features = sizes[target]
-                a, b = _full_adapter(config, global_layer, target, in_features, out_features, dtype)
-                device = module.weight.device
-                if parallel == "column":
-                    b = b.chunk(tp, dim=0)[tp_rank]
-                else:
-                    a = a.chunk(tp, dim=1)[tp_rank]
-                pair = LoraPair(a.to(device).contiguous(), b.to(device).contiguous())
-                sharded, replicated = (pair.B, pair.A) if parallel == "column" else (pair.A, pair.B)
-                tensor_parallel.set_tensor_model_parallel_attributes(sharded, True, split_axis, 1)
-                # Under sequence parallelism the replicated factor sees this rank's part of the
-                # sequence only: megatron-core all-reduces the gradients of such parameters over TP.
-                replicated.sequence_parallel = model.config.sequence_parallel
-                module.lora[target] = pair
-            if parallel == "column":
-                parts = fused_parts[linear_name]
-                module.lora_parts = parts
-                module.lora_part_sizes = tuple(sizes[p][0] // tp for p in parts)
-                module.lora_groups = arch.num_key_value_heads // tp if linear_name.endswith("linear_qkv") else 0
-    model.lora_config = config
+        for module in layer.modules():
+            if isinstance(module, _LoraLinear):
+                module.reset_adapters(layer.layer_number - 1)
+

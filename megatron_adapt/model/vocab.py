@@ -5,9 +5,9 @@ and has no spec to swap them, so ``build.LlamaGPTModel`` adopts the two instance
 subclasses below right after megatron-core made them, before any weight is loaded. Everything that
 treats these layers differently asks one marker type, ``VocabRows``, and its typed attributes.
 
-A ``VocabLayout`` says what they do:
+Two build arguments of ``build.LlamaGPTModel`` say what they do, one each:
 
-- **Row split** (stage 1 trains only the rows of added tokens). A gradient mask would still
+- **Row split** (``first_trainable_row``; stage 1 trains only the rows of added tokens). A gradient mask would still
   allocate a gradient and optimizer state for every row (16 bytes per parameter with Adam in mixed
   precision) and let weight decay move the masked rows. Instead each TP rank's slice keeps all its
   rows in one buffer, and only the added rows are a Parameter, a view of those rows. ``weight``
@@ -20,16 +20,14 @@ A ``VocabLayout`` says what they do:
   gradient of ``LlamaGPTModel.shared_embedding_or_output_weight()`` between the two stages — the
   trainable rows when split, so both copies of the new rows take the same steps and the frozen
   rows, buffers on both stages, never move.
-- **Fused**: the embedding looks its ids up with ``kernels.embedding.vocab_embedding`` over the
-  two tables (no gradient for the frozen one), and the output layer hands the final hidden states
-  on instead of logits (gathered along the sequence under sequence parallelism);
-  ``LlamaGPTModel.loss_sum`` then applies the output weight inside
+- **Fused kernels** (``fused_vocab``): the embedding looks its ids up with
+  ``kernels.embedding.vocab_embedding`` over the two tables (no gradient for the frozen one); the
+  output layer is not called: the model's last stage returns its final hidden states and
+  ``model.loss.fused_loss_sum`` applies this layer's weight inside
   ``kernels.linear_cross_entropy`` (no [tokens, vocab] logits tensor).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 from megatron.core import parallel_state
@@ -37,22 +35,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
-    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
 
 from megatron_adapt.kernels.embedding import vocab_embedding
-
-
-@dataclasses.dataclass(frozen=True)
-class VocabLayout:
-    """How the embedding and output layer are built."""
-
-    first_trainable: int | None = None
-    """Global id of the first row that trains (stage 1: the base vocabulary size); None: every row."""
-    fused: bool = False
-    """Lookup and loss through the fused kernels (``model.fused_vocab.fused_vocab_supported``)."""
 
 
 def vocab_slice_start(rows_per_rank: int) -> int:
@@ -90,7 +77,6 @@ class VocabRows:
     """Global ids [first, end) of the rows that train when the table is row-split; None otherwise."""
     trainable_span: tuple[int, int]
     """Rows [start, stop) of this rank's slice that train (all of them when not split)."""
-    fused: bool
 
     @property
     def weight(self) -> torch.Tensor:
@@ -98,14 +84,13 @@ class VocabRows:
             return self._parameters.get("weight")  # None: a tied output layer on the embedding's stage
         return _JoinRows.apply(self.trainable_rows, self.all_rows, *self.trainable_span)
 
-    def _adopt(self, layout: VocabLayout, true_vocab_size: int) -> None:
+    def _adopt(self, first_trainable_row: int | None, true_vocab_size: int) -> None:
         weight = self._parameters["weight"]
-        self.fused = layout.fused
         self.vocab_start = vocab_slice_start(weight.shape[0])
         self.new_rows = None
         self.trainable_span = (0, weight.shape[0])
-        if layout.first_trainable is not None:
-            self._split_rows(weight, layout.first_trainable, true_vocab_size)
+        if first_trainable_row is not None:
+            self._split_rows(weight, first_trainable_row, true_vocab_size)
 
     def _split_rows(self, weight: torch.nn.Parameter, first: int, end: int) -> None:
         rows = weight.shape[0]
@@ -143,7 +128,9 @@ def _load_state_dict_pre_hook(module: VocabRows, state_dict, prefix, *args) -> N
 
 
 class VocabEmbedding(VocabRows, VocabParallelEmbedding):
-    """The word embedding: megatron-core's, or with the fused layout one lookup op over both tables."""
+    """The word embedding: megatron-core's lookup, or with ``fused`` one op over both tables."""
+
+    fused: bool = False
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         if not self.fused:
@@ -157,15 +144,15 @@ class VocabEmbedding(VocabRows, VocabParallelEmbedding):
 
 
 class VocabOutput(VocabRows, ColumnParallelLinear):
-    """The output layer: logits, or with the fused layout the hidden states passed on, for the loss
-    to apply the weight together with the cross entropy."""
+    """The output layer: megatron-core's, its weight read from ``table`` (itself, or the embedding
+    it is tied to on the same stage)."""
 
-    def _adopt(self, layout: VocabLayout, true_vocab_size: int, table: VocabEmbedding | None = None) -> None:
+    def _adopt(self, first_trainable_row: int | None, true_vocab_size: int, table: VocabEmbedding | None = None) -> None:
         self.__dict__["_table"] = table  # not a submodule: the embedding stays the embedding's
         if table is None:
-            super()._adopt(layout, true_vocab_size)
+            super()._adopt(first_trainable_row, true_vocab_size)
         else:
-            self.fused, self.new_rows = layout.fused, None
+            self.new_rows = None
 
     @property
     def table(self) -> VocabRows:
@@ -175,25 +162,20 @@ class VocabOutput(VocabRows, ColumnParallelLinear):
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         # ``weight`` is what megatron-core passes for tied embeddings: our model hands it the
         # trainable Parameter (for its gradient all-reduce), so the table is read here instead.
-        if not self.fused:
-            return super().forward(input_, self.table.weight, runtime_gather_output)
-        if self.sequence_parallel:
-            # The loss takes the whole sequence, as megatron-core's layer does; the backward
-            # reduce-scatters the hidden states' gradient, which the fused loss leaves unreduced.
-            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=self.tp_group)
-        return input_, None
+        return super().forward(input_, self.table.weight, runtime_gather_output)
 
 
-def adopt_vocab_layer(layer: torch.nn.Module, layout: VocabLayout, true_vocab_size: int,
+def adopt_vocab_layer(layer: torch.nn.Module, first_trainable_row: int | None, true_vocab_size: int,
                       table: VocabEmbedding | None = None) -> VocabRows:
-    """Turn megatron-core's freshly built embedding or output layer into ours (weights untouched).
-    An output layer tied to the embedding on the same stage gets that embedding as ``table``."""
+    """Turn megatron-core's freshly built embedding or output layer into ours (weights untouched):
+    rows from ``first_trainable_row`` on train alone (None: all). An output layer tied to the
+    embedding on the same stage gets that embedding as ``table``."""
     if isinstance(layer, VocabParallelEmbedding):
         layer.__class__ = VocabEmbedding
-        layer._adopt(layout, true_vocab_size)
+        layer._adopt(first_trainable_row, true_vocab_size)
     elif isinstance(layer, ColumnParallelLinear):
         layer.__class__ = VocabOutput
-        layer._adopt(layout, true_vocab_size, table)
+        layer._adopt(first_trainable_row, true_vocab_size, table)
     else:
         raise TypeError(f"{type(layer).__name__} is not a vocabulary layer megatron-core builds")
     return layer

@@ -10,7 +10,7 @@ megatron-core layouts (per TP rank r of t):
   r·G/t … (r+1)·G/t − 1 contiguously.
 - linear_fc1: [gate rows of shard r | up rows of shard r] (the GLU splits the output in halves).
 - linear_proj, linear_fc2: column shards (row-parallel linears).
-- LoRA adapters (``model.lora``), one per HF module as PEFT has them: on a column-parallel linear
+- LoRA adapters (``model.lora``'s rules), one per HF module as PEFT has them: on a column-parallel linear
   (q/k/v in linear_qkv, gate/up in linear_fc1) A is replicated and B holds this rank's rows of the
   HF output; on a row-parallel one (o in linear_proj, down in linear_fc2) A holds this rank's
   columns of the HF input and B is replicated.
@@ -31,6 +31,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.lora import (
+    LoraConfig,
+    adapter_hf_shapes,
+    adapter_layer_rules,
+    adapter_state_keys,
+    is_adapter_key,
+)
 from megatron_adapt.model.vocab import VocabRows, vocab_tables
 
 Tensor = torch.Tensor
@@ -62,28 +69,7 @@ _LAYER_RULES: dict[str, tuple[tuple[str, ...], Layout]] = {
     "mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), "replicated"),
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "columns"),
-}
-LORA_TARGETS: dict[str, tuple[str, str, Literal["column", "row"]]] = {
-    "q_proj": ("self_attention.linear_qkv", "self_attn.q_proj", "column"),
-    "k_proj": ("self_attention.linear_qkv", "self_attn.k_proj", "column"),
-    "v_proj": ("self_attention.linear_qkv", "self_attn.v_proj", "column"),
-    "o_proj": ("self_attention.linear_proj", "self_attn.o_proj", "row"),
-    "gate_proj": ("mlp.linear_fc1", "mlp.gate_proj", "column"),
-    "up_proj": ("mlp.linear_fc1", "mlp.up_proj", "column"),
-    "down_proj": ("mlp.linear_fc2", "mlp.down_proj", "row"),
-}
-"""PEFT target name → (the megatron-core linear holding it, the HF module, how that linear is split)."""
-for _target, (_linear, _hf, _parallel) in LORA_TARGETS.items():
-    _LAYER_RULES[f"{_linear}.lora.{_target}.A"] = ((f"{_hf}.lora_A.weight",),
-                                                   "replicated" if _parallel == "column" else "columns")
-    _LAYER_RULES[f"{_linear}.lora.{_target}.B"] = ((f"{_hf}.lora_B.weight",),
-                                                   "rows" if _parallel == "column" else "replicated")
-
-
-def is_adapter(hf_name: str) -> bool:
-    return ".lora_A." in hf_name or ".lora_B." in hf_name
-
-
+} | adapter_layer_rules()
 _TOP_RULES: dict[str, Rule] = {
     "embedding.word_embeddings.weight": Rule(("model.embed_tokens.weight",), "vocab_rows"),
     "output_layer.weight": Rule(("lm_head.weight",), "vocab_rows"),
@@ -96,9 +82,9 @@ OUTPUT_COPY = "output_layer.weight"
 """With tied embeddings and PP > 1: the last stage's copy of the embedding table."""
 
 
-def hf_shapes(arch: LlamaArchitecture, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+def hf_shapes(arch: LlamaArchitecture, lora: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor of an HF LlamaForCausalLM checkpoint with its shape (and of its PEFT LoRA
-    adapters, ``model.layers.N.<module>.lora_A/B.weight``, when a rank is given)."""
+    adapters, ``model.layers.N.<module>.lora_A/B.weight``, with ``lora``)."""
     h, hd = arch.hidden_size, arch.head_dim
     shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
     if not arch.tie_word_embeddings:
@@ -115,10 +101,8 @@ def hf_shapes(arch: LlamaArchitecture, lora_rank: int = 0, lora_targets: tuple[s
             p + "mlp.up_proj.weight": (arch.intermediate_size, h),
             p + "mlp.down_proj.weight": (h, arch.intermediate_size),
         }
-        for target in lora_targets if lora_rank else ():
-            out_features, in_features = shapes[f"{p}{LORA_TARGETS[target][1]}.weight"]
-            shapes[f"{p}{LORA_TARGETS[target][1]}.lora_A.weight"] = (lora_rank, in_features)
-            shapes[f"{p}{LORA_TARGETS[target][1]}.lora_B.weight"] = (out_features, lora_rank)
+        if lora is not None:
+            shapes |= adapter_hf_shapes(p, shapes, lora)
     return shapes
 
 
@@ -173,21 +157,21 @@ def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable,
         yield name, param, grad, Rule(tuple(prefix + s for s in hf_suffixes), layout)
 
 
-def checkpoint_rules(arch: LlamaArchitecture, lora_targets: tuple[str, ...] = ()) -> Iterator[tuple[str, int | None, Rule]]:
+def checkpoint_rules(arch: LlamaArchitecture, lora: LoraConfig | None = None) -> Iterator[tuple[str, int | None, Rule]]:
     """(distributed-checkpoint key, layer or None, rule) for every tensor of the whole model, and
-    of its LoRA adapters on ``lora_targets``.
+    of its LoRA adapters with ``lora``.
 
     megatron-core's distributed checkpoint stores each layer tensor for all layers as one global
     tensor with a leading layer axis, under its TransformerEngine name (the local spec maps its
     layer-norm names onto those), and every tensor unsharded (as at TP=1).
     """
-    adapter_keys = {f"{LORA_TARGETS[t][0]}.lora.{t}.{m}" for t in lora_targets for m in "AB"}
+    adapter_keys = adapter_state_keys(lora.targets) if lora is not None else set()
     for name, rule in _TOP_RULES.items():
         if not (name == OUTPUT_COPY and arch.tie_word_embeddings):
             yield name, None, rule
     for i in range(arch.num_layers):
         for suffix, (hf_suffixes, layout) in _LAYER_RULES.items():
-            if is_adapter(hf_suffixes[0]) and suffix not in adapter_keys:
+            if is_adapter_key(suffix) and suffix not in adapter_keys:
                 continue
             yield f"decoder.layers.{suffix}", i, Rule(tuple(f"model.layers.{i}.{s}" for s in hf_suffixes), layout)
 
@@ -255,13 +239,12 @@ def load_hf_state(model: torch.nn.Module, get_tensor: Callable[[str], Tensor], a
     LoRA adapters keep their initialization unless ``adapters`` (PEFT names, ``hf_shapes``).
     """
     arch: LlamaArchitecture = model.architecture
-    lora = getattr(model, "lora_config", None)
-    expected = hf_shapes(arch, lora.rank, tuple(lora.targets)) if lora else hf_shapes(arch)
+    expected = hf_shapes(arch, model.lora)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for _, param, _, rule in rules(model):
-            if is_adapter(rule.hf_names[0]) and not adapters:
+            if is_adapter_key(rule.hf_names[0]) and not adapters:
                 continue
             tensors = []
             for hf_name in rule.hf_names:
@@ -278,12 +261,22 @@ def load_hf_state(model: torch.nn.Module, get_tensor: Callable[[str], Tensor], a
             param.copy_(shard.to(param.dtype))
 
 
-def export_hf_state(model: torch.nn.Module, use_grad: bool = False) -> dict[str, Tensor]:
-    """The HF tensors of this rank's pipeline stage, gathered over its TP group.
+def export_hf_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The HF tensors of this rank's pipeline stage, gathered over its TP group. Collective over
+    the TP group."""
+    return _gather_hf(model, lambda param, grad: param)
 
-    Collective over the TP group. ``use_grad`` exports the gradients (zero where none) in the
-    HF layout instead, which lets tests compare gradients with HF directly.
-    """
+
+def export_hf_grads(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The gradients of ``export_hf_state``'s tensors in the same HF layout (zero where there is
+    none), so that tests compare gradients with HF's directly. Collective over the TP group."""
+    def gradient(param: Tensor, grad: Callable[[], Tensor | None]) -> Tensor:
+        local = grad()
+        return torch.zeros_like(param) if local is None else local
+    return _gather_hf(model, gradient)
+
+
+def _gather_hf(model: torch.nn.Module, local_of: Callable[[Tensor, Callable], Tensor]) -> dict[str, Tensor]:
     arch: LlamaArchitecture = model.architecture
     group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -291,12 +284,7 @@ def export_hf_state(model: torch.nn.Module, use_grad: bool = False) -> dict[str,
     for name, param, grad, rule in rules(model):
         if name == OUTPUT_COPY and arch.tie_word_embeddings:
             continue  # the first stage exports the table (and after the grad all-reduce its gradient)
-        local = param
-        if use_grad:
-            local = grad()
-            if local is None:
-                local = torch.zeros_like(param)
-        local = local.detach().contiguous()
+        local = local_of(param, grad).detach().contiguous()
         shards = [torch.empty_like(local) for _ in range(tp_size)]
         dist.all_gather(shards, local, group=group)
         for hf_name, tensor in zip(rule.hf_names, hf_from_shards(rule, shards, arch)):

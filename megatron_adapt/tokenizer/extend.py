@@ -15,9 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from typing import Callable, Iterator
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from megatron_adapt.atomic import atomic_dir
 from megatron_adapt.text.corpus import BadLine, iter_documents
 from megatron_adapt.text.heldout import is_heldout
 from megatron_adapt.tokenizer import bpe_extend, byte_level_bpe, sentencepiece_model
@@ -113,22 +112,10 @@ def compression(base_sp, ext_sp, lines: list[str]) -> dict[str, float]:
             "chars_per_token_base": chars / max(base, 1), "chars_per_token_extended": chars / max(ext, 1)}
 
 
-def _prepare_output(config: ExtendConfig) -> Path:
+def _refuse_existing(config: ExtendConfig) -> None:
     out = config.output_dir
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as err:
-        raise PermissionError(f"{out}: cannot write there ({err.strerror})") from None
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def _remove_unreachable(pieces: list[str], components: dict[str, tuple[str, str]],
@@ -252,8 +239,8 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
         sentencepiece_model.load_model_proto(config.base_model)  # refuse a bad model before reading corpora
     else:
         byte_level_bpe.load(config.base_model)
-    tmp = _prepare_output(config)
-    try:
+    _refuse_existing(config)
+    with atomic_dir(config.output_dir) as tmp:
         corpus = split_lines(config.corpus, config.text_key, config.heldout_per_mille, config.progress)
         if not corpus.train:
             raise ValueError(f"corpus {', '.join(map(str, config.corpus))} has no text lines")
@@ -289,11 +276,7 @@ def extend_tokenizer(config: ExtendConfig) -> dict:
         report["config"] = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
                             for k, v in dataclasses.asdict(config).items()}
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        _publish(tmp, config.output_dir)
-        return report
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return report
 
 
 def iter_summary(report: dict) -> Iterator[str]:

@@ -7,6 +7,8 @@ before any model is built, naming the key, so a typo never costs a queue wait an
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -276,9 +278,33 @@ def _build(cls: type, data: dict[str, Any], prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)\}")
+
+
+def expand_variables(data: Any, source: str, key: str = "") -> Any:
+    """``${NAME}`` in every string replaced by the environment's NAME (the recipe's ``WORK`` and
+    ``BASE_MODEL``), so one config serves any work directory; an unset NAME is refused by key."""
+    if isinstance(data, dict):
+        return {k: expand_variables(v, source, f"{key}.{k}" if key else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_variables(v, source, key) for v in data]
+    if not isinstance(data, str):
+        return data
+
+    def value(match: re.Match) -> str:
+        if match.group(1) not in os.environ:
+            raise ConfigError(f"{source}: {key} uses ${{{match.group(1)}}}, which is not set in the environment "
+                              f"(export {match.group(1)}=...)")
+        return os.environ[match.group(1)]
+    return _VARIABLE.sub(value, data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """The YAML file (if any) with ``a.b=value`` overrides applied, validated."""
-    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    """The YAML file (if any) with ``a.b=value`` overrides applied and ``${NAME}``s expanded, validated."""
+    try:
+        data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -288,7 +314,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(raw)
-    config = _build(Config, data)
+    config = _build(Config, expand_variables(data, str(path or "--set")))
     config.validate()
     return config
 

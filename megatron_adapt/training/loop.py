@@ -33,18 +33,18 @@ from megatron_adapt import distributed
 from megatron_adapt.checkpoint import train_state
 from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.data.blend import bytes_per_token
+from megatron_adapt.kernels.self_check import fused_vocab_supported
 from megatron_adapt.model.build import LlamaGPTModel, build_llama
 from megatron_adapt.model.freeze import apply_freeze_policy
-from megatron_adapt.model.fused_vocab import fused_vocab_supported
 from megatron_adapt.model.resize import resizing_reader
 from megatron_adapt.model.weights import load_hf_state
 from megatron_adapt.training.config import Config, to_dict, transformer_overrides
 from megatron_adapt.training.data import DatasetTokenizer, build_datasets, micro_batches
-from megatron_adapt.training.evaluate import evaluate
+from megatron_adapt.training.validation import validate
 from megatron_adapt.training.metrics import MetricsSink, Throughput
 from megatron_adapt.training.optim import build_optimizer, build_scheduler
 from megatron_adapt.training.plan import RunPlan, plan_run
-from megatron_adapt.training.step import forward_backward
+from megatron_adapt.training.step import StepLoss, forward_backward
 
 log = logging.getLogger(__name__)
 _STOP = {"requested": False}
@@ -72,9 +72,9 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     scheduler = build_scheduler(config, optimizer)
     iteration, consumed, gbs, steps = 0, 0, config.train.global_batch_size, config.train.steps
     if plan.resuming:
-        meta = train_state.load(plan.source, model, optimizer, scheduler)
+        meta = train_state.load(plan.resume_from, model, optimizer, scheduler)
         iteration, consumed = meta.iteration, meta.consumed_samples
-        log.info("resumed from %s at step %d", plan.source, iteration)
+        log.info("resumed from %s at step %d", plan.resume_from, iteration)
     train_set, valid_sets = _datasets(config, plan, run_dir)
     byte_rates = bytes_per_token(plan.blend)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -94,20 +94,16 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
         batches = next_batches.result()
         if iteration + 1 < steps:
             next_batches = fetch(consumed + gbs)
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = forward_backward(model, batches)
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=gbs)
+        loss, grad_norm = train_step(model, optimizer, scheduler, batches, gbs)
         consumed, iteration = consumed + gbs, iteration + 1
         if iteration % config.train.log_interval == 0 or iteration == steps:
             metrics = {"loss": distributed.data_parallel_loss(loss), "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm or 0.0)}
+                       "grad_norm": grad_norm}
             metrics |= throughput.report(iteration - reported, time.time())
             reported = iteration
             _log_step(sink, iteration, steps, metrics)
         if config.train.eval_interval and iteration % config.train.eval_interval == 0:
-            _log_step(sink, iteration, steps, evaluate(model, valid_sets, config, iteration, byte_rates))
+            _log_step(sink, iteration, steps, validate(model, valid_sets, config, iteration, byte_rates))
         stop = distributed.any_rank(_STOP["requested"])
         if stop or iteration % config.checkpoint.save_interval == 0 or iteration == steps:
             gather_parameters(model)
@@ -121,6 +117,18 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
         (run_dir / "done").write_text(str(iteration))
     distributed.destroy()
     return metrics
+
+
+def train_step(model: DistributedDataParallel, optimizer, scheduler, batches: list[dict[str, torch.Tensor]],
+               global_batch_size: int) -> tuple[StepLoss | None, float]:
+    """One optimizer step over a global batch's micro-batches: (its loss on the last stage, the
+    gradient norm). The benchmarks time this function."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = forward_backward(model, batches)
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=global_batch_size)
+    return loss, float(grad_norm or 0.0)
 
 
 def gather_parameters(model: DistributedDataParallel) -> None:
@@ -139,16 +147,16 @@ def build_model(config: Config, plan: RunPlan, load_weights: bool = True) -> Dis
     if config.model.fused_vocab and not fused:
         log.info("fused vocabulary kernels not used: they take CUDA tensors or float32 CPU tensors")
     model = build_llama(plan.arch, params_dtype=plan.params_dtype, seq_length=config.data.seq_length,
-                        vocab=plan.vocab_layout(config, fused),
+                        first_trainable_row=plan.first_trainable_row(config), fused_vocab=fused,
                         per_document_attention=config.data.per_document_attention, lora=config.train.lora,
                         **transformer_overrides(config))
     # A resume restores every weight, except under LoRA: its checkpoints hold the adapters and
     # vocabulary tables, the frozen base comes from where the run started.
     if load_weights and (not plan.resuming or config.train.lora is not None):
-        if plan.start is None:
+        if plan.start_from is None:
             _load_hf_start(model, config, plan)
         else:
-            train_state.load(plan.start, model)
+            train_state.load(plan.start_from, model)
     apply_freeze_policy(model, config.train.freeze)
     d = config.ddp
     gather = d.overlap_param_gather and plan.distributed_optimizer

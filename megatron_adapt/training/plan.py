@@ -17,7 +17,6 @@ import torch
 from megatron_adapt.checkpoint.format import CheckpointMeta, latest
 from megatron_adapt.data.blend import BlendEntry, load_blend
 from megatron_adapt.model.config import LlamaArchitecture
-from megatron_adapt.model.vocab import VocabLayout
 from megatron_adapt.tokenizer.load import TextTokenizer, load_tokenizer
 from megatron_adapt.training.config import Config, ConfigError
 from megatron_adapt.training.optim import optimizer_kind_for_this_machine
@@ -27,13 +26,13 @@ from megatron_adapt.training.optim import optimizer_kind_for_this_machine
 class RunPlan:
     arch: LlamaArchitecture
     """The model as it trains (vocabulary grown to ``tokenizer`` where that extends the checkpoint)."""
-    source: Path | None
-    """Checkpoint the weights come from; None: the HF checkpoint ``model.hf_dir``."""
-    resuming: bool
-    """``source`` is this run's own checkpoint: optimizer, schedule and data position come back too."""
-    start: Path | None
-    """Where the run's first weights came from (``model.init_from``'s checkpoint; None: hf_dir). A
-    LoRA run's checkpoints hold adapters and vocabulary tables only: it resumes on this base."""
+    resume_from: Path | None
+    """This run's own latest checkpoint, when it resumes: weights, optimizer, schedule and data
+    position come back from it."""
+    start_from: Path | None
+    """Where the run's first weights come from: ``model.init_from``'s latest checkpoint; None: the
+    HF checkpoint ``model.hf_dir``. A LoRA run's checkpoints hold adapters and vocabulary tables
+    only: it resumes on this base."""
     base_vocab: int
     """Rows of the vocabulary the start checkpoint was trained with (stage 1 trains the rest)."""
     base_tokenizer: str
@@ -44,17 +43,13 @@ class RunPlan:
     params_dtype: torch.dtype
     distributed_optimizer: bool
 
-    def vocab_layout(self, config: Config, fused: bool) -> VocabLayout:
-        return config.train.freeze.vocab_layout(self.base_vocab, fused)
+    @property
+    def resuming(self) -> bool:
+        return self.resume_from is not None
 
-
-def _source_checkpoint(config: Config) -> tuple[Path | None, bool]:
-    """(checkpoint to start from, whether it is this run's own = a resume)."""
-    own = latest(config.checkpoint.save)
-    if own is not None:
-        return own, True
-    start = _start_checkpoint(config)
-    return start, False
+    def first_trainable_row(self, config: Config) -> int | None:
+        """The vocabulary row split the model is built with (stage 1: rows past the base vocabulary)."""
+        return config.train.freeze.first_trainable_row(self.base_vocab)
 
 
 def _start_checkpoint(config: Config) -> Path | None:
@@ -104,7 +99,8 @@ def _eod_id(tokenizer: TextTokenizer | None, arch: LlamaArchitecture) -> int:
 
 
 def plan_run(config: Config) -> RunPlan:
-    source, resuming = _source_checkpoint(config)
+    resume_from, start_from = latest(config.checkpoint.save), _start_checkpoint(config)
+    source = resume_from or start_from  # the checkpoint whose config.json describes the model now
     arch = LlamaArchitecture.from_hf_config(source if source else Path(config.model.hf_dir))
     base_tokenizer = _base_tokenizer(config)
     base_vocab = _base_vocab(config, arch, base_tokenizer, source)
@@ -119,15 +115,24 @@ def plan_run(config: Config) -> RunPlan:
                               f"{config.model.hf_dir}'s {arch.vocab_size}")
         arch = arch.with_vocab_size(vocab)
     planned = optimizer_kind_for_this_machine()
-    if resuming:
-        saved = CheckpointMeta.read(source).optimizer
+    if resume_from is not None:
+        saved = CheckpointMeta.read(resume_from).optimizer
         if saved and saved != planned:
-            raise ConfigError(f"{source} was saved by the {saved} optimizer, this run uses the {planned} one "
+            raise ConfigError(f"{resume_from} was saved by the {saved} optimizer, this run uses the {planned} one "
                               "(their states differ in form): resume on the same kind of machine")
     blend = load_blend(config.data.blend)  # names any missing data prefix
     arch.check_parallel_layout(config.parallel.tp, config.parallel.pp)
-    return RunPlan(arch=arch, source=source, resuming=resuming, start=_start_checkpoint(config), base_vocab=base_vocab,
+    return RunPlan(arch=arch, resume_from=resume_from, start_from=start_from, base_vocab=base_vocab,
                    base_tokenizer=base_tokenizer, tokenizer=config.model.tokenizer or None,
                    eod_id=_eod_id(tokenizer, arch), blend=blend,
                    params_dtype=torch.bfloat16 if config.optim.bf16 else torch.float32,
                    distributed_optimizer=planned == "distributed")
+
+
+def random_weights_plan(arch: LlamaArchitecture, config: Config, base_vocab: int) -> RunPlan:
+    """A plan for a model with random weights and no data (benchmarks): rows from ``base_vocab``
+    on are the added ones, the machine picks the optimizer as for a run."""
+    return RunPlan(arch=arch, resume_from=None, start_from=None, base_vocab=base_vocab, base_tokenizer="",
+                   tokenizer=None, eod_id=arch.eos_token_id if isinstance(arch.eos_token_id, int) else 0, blend=[],
+                   params_dtype=torch.bfloat16 if config.optim.bf16 else torch.float32,
+                   distributed_optimizer=optimizer_kind_for_this_machine() == "distributed")

@@ -24,7 +24,7 @@ def _loss_func(model, batch: dict[str, torch.Tensor], on_logits: Callable | None
     """``output``: the last stage's logits, or its hidden states when the model's loss is fused."""
     module = unwrap(model)
     if on_logits is not None:
-        if module.vocab_layout.fused:
+        if module.fused_vocab:
             raise ValueError("on_logits needs logits: build the model without the fused vocabulary kernels")
         on_logits(output.detach().clone())  # a copy: megatron-core's cross entropy overwrites its input
     loss_sum, num_tokens = module.loss_sum(output, batch["labels"], batch.get("loss_mask"))

@@ -49,7 +49,7 @@ def _table(model) -> torch.Tensor:
 def _rank_stage1(start_dir: str, tokens: torch.Tensor, run_dir: str) -> dict:
     arch = LlamaArchitecture.from_hf_config(start_dir)
     freeze = FreezePolicy(train="new_vocab_rows")
-    model = build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE_VOCAB))
+    model = build_llama(arch, seq_length=SEQ, first_trainable_row=freeze.first_trainable_row(BASE_VOCAB))
     load_hf_checkpoint(model, start_dir)
     batches = [dict(tokens=tokens[i:i + 1], labels=torch.roll(tokens[i:i + 1], -1, 1)) for i in range(len(tokens))]
     logits_before = _logits(model, batches)
@@ -66,7 +66,7 @@ def _rank_stage1(start_dir: str, tokens: torch.Tensor, run_dir: str) -> dict:
         forward_backward(ddp, batches)
         finalize_model_grads([ddp])
         optimizer.step()
-    train_state.save(run_dir, STEPS, ddp, config={"model": {"tokenizer": ""}})
+    train_state.save(run_dir, STEPS, ddp, run_config={"model": {"tokenizer": ""}})
     return dict(logits_before=logits_before, logits_after=_logits(model, batches), before=before,
                 after=export_hf_state(model), table_before=table_before, table_after=_table(model),
                 first=parallel_state.is_pipeline_first_stage())

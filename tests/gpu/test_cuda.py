@@ -26,7 +26,7 @@ LORA_GPU_TOLERANCE = 2e-3
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernels_match_float64_references(dtype):
     """The check a training run makes at start-up before it relies on the kernels."""
-    from megatron_adapt.model.fused_vocab import self_check
+    from megatron_adapt.kernels.self_check import self_check
 
     assert self_check("cuda", DTYPES[dtype]) is None
 

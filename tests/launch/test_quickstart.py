@@ -1,4 +1,5 @@
-"""The README's main-job command runs the whole recipe and leaves a loadable HF model."""
+"""The README's main-job command runs the whole recipe and leaves a loadable HF model; the README's
+cluster recipe is the same commands (megatron_adapt/recipe.py renders it)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ def test_quickstart_runs_the_whole_recipe():
     proc = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=dict(os.environ), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"quickstart failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    for step in range(1, 11):
-        assert f"== {step}/10" in proc.stdout, f"step {step} did not run"
+    from megatron_adapt.recipe import quickstart_steps
+
+    total = len(quickstart_steps())
+    for step in range(1, total + 1):
+        assert f"== {step}/{total} " in proc.stdout, f"step {step} did not run:\n{proc.stdout[-3000:]}"
     run = ROOT / "runs" / "quickstart"
     for stage in ("stage1", "stage2", "sft"):
         losses = [json.loads(l)["loss"] for l in (run / stage / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
@@ -29,10 +33,12 @@ def test_quickstart_runs_the_whole_recipe():
     assert report["unreachable_added"] == 0 and report["added"] > 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(run / "hf_release")
-    model = AutoModelForCausalLM.from_pretrained(run / "hf_release")
+    tokenizer = AutoTokenizer.from_pretrained(run / "release")
+    model = AutoModelForCausalLM.from_pretrained(run / "release")
     assert model.config.vocab_size == len(tokenizer) == 2000 + report["added"]
     assert "> Việt Nam là" in proc.stdout
+    evaluation = json.loads((run / "evaluation.json").read_text())["models"]
+    assert len(evaluation) == 2, f"evaluate.py did not score the base and the release side by side: {list(evaluation)}"
     _check_chat_export(run)
     assert "> Translate into English: Cảm ơn bạn." in proc.stdout, "generate.py --chat did not answer"
 
@@ -45,7 +51,7 @@ def _check_chat_export(run: Path) -> None:
     from transformers import AutoTokenizer
 
     first = json.loads(lzma.open(ROOT / "data" / "sample" / "chat_vi.jsonl.xz", "rt").readline())
-    tokenizer = AutoTokenizer.from_pretrained(run / "hf_chat")
+    tokenizer = AutoTokenizer.from_pretrained(run / "release-chat")
     ids = tokenizer.apply_chat_template(first["messages"], tokenize=True, return_dict=True)["input_ids"]
     dataset = IndexedDataset(str(run / "data" / "chat"))
     trained = dataset[0].tolist()  # read while the dataset (its mmap) is alive

@@ -104,7 +104,7 @@ def _rank_resize_freeze_train(hf_dir: str, base_file: str, new_file: str, tokens
     new_vocab = get("model.embed_tokens.weight").shape[0]
     arch = LlamaArchitecture.from_hf_config(hf_dir).with_vocab_size(new_vocab)
     freeze = FreezePolicy(train="new_vocab_rows")
-    model = build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE_VOCAB))
+    model = build_llama(arch, seq_length=SEQ, first_trainable_row=freeze.first_trainable_row(BASE_VOCAB))
     load_hf_state(model, get)
 
     captured: list[torch.Tensor] = []

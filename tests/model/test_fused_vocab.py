@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_adapt.kernels.self_check import self_check
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
 from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
-from megatron_adapt.model.fused_vocab import self_check
-from megatron_adapt.model.weights import export_hf_state
+from megatron_adapt.model.weights import export_hf_grads
 from megatron_adapt.training.step import forward_backward
 from tests.multiprocess import run_ranks, sum_sequence_parallel_grads
 
@@ -26,10 +26,10 @@ def _rank_compare(policy: str, tied: bool, sequence_parallel: bool) -> dict:
     torch.manual_seed(0)
     freeze = FreezePolicy(train=policy)
     sp = {"sequence_parallel": sequence_parallel}
-    models = [build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE)),
-              build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE, fused=True), **sp)]
+    models = [build_llama(arch, seq_length=SEQ, first_trainable_row=freeze.first_trainable_row(BASE)),
+              build_llama(arch, seq_length=SEQ, first_trainable_row=freeze.first_trainable_row(BASE), fused_vocab=True, **sp)]
     if sequence_parallel:
-        models.append(build_llama(arch, seq_length=SEQ, vocab=freeze.vocab_layout(BASE), **sp))
+        models.append(build_llama(arch, seq_length=SEQ, first_trainable_row=freeze.first_trainable_row(BASE), **sp))
     gen = torch.Generator().manual_seed(1)
     batches = [{"tokens": torch.randint(0, VOCAB, (2, SEQ), generator=gen),
                 "labels": torch.randint(0, VOCAB, (2, SEQ), generator=gen),
@@ -41,7 +41,7 @@ def _rank_compare(policy: str, tied: bool, sequence_parallel: bool) -> dict:
         loss = forward_backward(model, batches)
         losses.append(loss.mean if loss else None)
         sum_sequence_parallel_grads(model)
-        grads.append(export_hf_state(model, use_grad=True))
+        grads.append(export_hf_grads(model))
     return {"losses": losses, "grads": grads}
 
 
@@ -75,14 +75,14 @@ def test_self_check_passes_on_the_cpu_kernels():
 
 def test_gpu_that_fails_the_check_falls_back(monkeypatch, caplog):
     """A GPU whose kernels raise (or differ) runs megatron-core's layers, with the reason logged."""
-    from megatron_adapt.model import fused_vocab
+    from megatron_adapt.kernels import self_check as checks
 
     def broken(device, dtype):
         raise RuntimeError("no kernel image is available")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fused_vocab, "self_check", broken)
-    assert fused_vocab.fused_vocab_supported(torch.bfloat16) is False
+    monkeypatch.setattr(checks, "self_check", broken)
+    assert checks.fused_vocab_supported(torch.bfloat16) is False
     assert "no kernel image is available" in caplog.text
-    monkeypatch.setattr(fused_vocab, "self_check", lambda device, dtype: "loss differs by 1e-1")
-    assert fused_vocab.fused_vocab_supported(torch.bfloat16) is False
+    monkeypatch.setattr(checks, "self_check", lambda device, dtype: "loss differs by 1e-1")
+    assert checks.fused_vocab_supported(torch.bfloat16) is False

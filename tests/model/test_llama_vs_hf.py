@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from megatron_adapt.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 from megatron_adapt.model.build import build_llama
 from megatron_adapt.model.config import LlamaArchitecture
-from megatron_adapt.model.weights import export_hf_state
+from megatron_adapt.model.weights import export_hf_grads
 from megatron_adapt.training.step import forward_backward
 from tests.multiprocess import run_ranks
 
@@ -66,7 +66,7 @@ def _rank_forward_backward_roundtrip(hf_dir: str, tokens, labels, out_dir: str) 
     captured: list[torch.Tensor] = []
     loss = forward_backward(model, batches,
                             on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
-    grads = export_hf_state(model, use_grad=True)
+    grads = export_hf_grads(model)
 
     save_hf_checkpoint(model, out_dir)
     reloaded = build_llama(arch, seq_length=SEQ)  # fresh random init

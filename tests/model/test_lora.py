@@ -67,7 +67,7 @@ def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels, sequ
     from megatron_adapt.model.config import LlamaArchitecture
     from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
     from megatron_adapt.model.lora import LoraConfig
-    from megatron_adapt.model.weights import export_hf_state, load_hf_state
+    from megatron_adapt.model.weights import export_hf_grads, load_hf_state
     from megatron_adapt.training.step import forward_backward
 
     arch = LlamaArchitecture.from_hf_config(hf_dir)
@@ -79,7 +79,7 @@ def _rank_lora_forward_backward(hf_dir: str, weights: dict, tokens, labels, sequ
     captured: list[torch.Tensor] = []
     loss = forward_backward(model, batches, on_logits=lambda l: captured.append(gather_from_tensor_model_parallel_region(l)))
     sum_sequence_parallel_grads(model)
-    grads = {k: v for k, v in export_hf_state(model, use_grad=True).items() if "lora_" in k}
+    grads = {k: v for k, v in export_hf_grads(model).items() if "lora_" in k}
     base_grads = [n for n, p in model.named_parameters() if ".lora." not in n and p.grad is not None]
     last = parallel_state.is_pipeline_last_stage()
     return dict(loss=loss.mean if loss else None, logits=torch.cat(captured)[..., :VOCAB] if last else None, grads=grads,
@@ -128,7 +128,7 @@ def _rank_lora_steps(hf_dir: str, tokens) -> dict:
     config = Config()
     config.optim.lr, config.optim.bf16 = 1e-2, False
     policy = FreezePolicy(train="new_vocab_rows")
-    model = build_llama(LlamaArchitecture.from_hf_config(hf_dir), seq_length=SEQ, vocab=policy.vocab_layout(BASE_VOCAB),
+    model = build_llama(LlamaArchitecture.from_hf_config(hf_dir), seq_length=SEQ, first_trainable_row=policy.first_trainable_row(BASE_VOCAB),
                         lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS))
     load_hf_checkpoint(model, hf_dir)
     apply_freeze_policy(model, policy)

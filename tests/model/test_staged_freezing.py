@@ -53,7 +53,7 @@ def _rank_train_each_policy(hf_dir: str, tokens: torch.Tensor) -> dict:
     out = {}
     for train in POLICIES:
         policy = FreezePolicy(train=train)
-        model = build_llama(arch, seq_length=SEQ, vocab=policy.vocab_layout(BASE_VOCAB))
+        model = build_llama(arch, seq_length=SEQ, first_trainable_row=policy.first_trainable_row(BASE_VOCAB))
         load_hf_checkpoint(model, hf_dir)
         apply_freeze_policy(model, policy)
         ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
@@ -109,12 +109,11 @@ def test_each_policy_trains_what_it_names_at_its_lr(hf_dir):
 
 
 def test_tied_model_refuses_input_or_output_rows_alone():
-    from types import SimpleNamespace
 
     from megatron_adapt.model.freeze import FreezePolicy, apply_freeze_policy
 
     tied = torch.nn.Linear(2, 2)
     tied.share_embeddings_and_output_weights = True
-    tied.vocab_layout = SimpleNamespace(first_trainable=10)
+    tied.first_trainable_row = 10
     with pytest.raises(ValueError, match="ties its embedding and output layer"):
         apply_freeze_policy(tied, FreezePolicy(train="new_input_rows"))

@@ -217,7 +217,7 @@ def test_plan_for_a_tied_byte_level_bpe_model(recipe, smollm2_hf, smollm2_vi, tm
     eos = json.loads((smollm2_vi / "tokenizer_config.json").read_text())["eos_token"]
     from tokenizers import Tokenizer
     assert plan.eod_id == Tokenizer.from_file(str(smollm2_vi / "tokenizer.json")).token_to_id(eos)
-    assert plan.vocab_layout(config, fused=False).first_trainable == 49152
+    assert plan.first_trainable_row(config) == 49152
 
 
 def test_vocab_lr_keys(recipe):

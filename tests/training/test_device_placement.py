@@ -67,7 +67,7 @@ def _host_tensors(where: str, *values) -> list[str]:
 def _train_with_device_checks(config_path: str, save: str, out: str) -> None:
     torch.set_num_threads(1)
     from megatron_adapt.model.build import LlamaGPTModel
-    from megatron_adapt.training import evaluate, loop
+    from megatron_adapt.training import loop, validation
     from megatron_adapt.training.config import load_config
 
     stats = {"model_calls": 0, "loss_calls": 0, "marked_batches": 0, "problems": []}
@@ -76,7 +76,7 @@ def _train_with_device_checks(config_path: str, save: str, out: str) -> None:
         stats["marked_batches"] += len(batches)
         return [{k: v.as_subclass(HostTensor) for k, v in batch.items()} for batch in batches]
 
-    for module in (loop, evaluate):
+    for module in (loop, validation):
         original = module.micro_batches
         module.micro_batches = lambda *a, _original=original: marked(_original(*a))
     forward, loss_sum = LlamaGPTModel.forward, LlamaGPTModel.loss_sum

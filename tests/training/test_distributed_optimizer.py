@@ -39,7 +39,7 @@ def _rank_two_steps(run_dir: str) -> dict:
     from megatron_adapt.training.step import forward_backward
 
     def build(dtype, distributed, overlap_param_gather=False):
-        model = build_llama(arch, params_dtype=dtype, seq_length=SEQ, vocab=policy.vocab_layout(BASE))
+        model = build_llama(arch, params_dtype=dtype, seq_length=SEQ, first_trainable_row=policy.first_trainable_row(BASE))
         apply_freeze_policy(model, policy)
         config = Config()
         config.optim.bf16, config.optim.lr = dtype == torch.bfloat16, 1e-2

@@ -15,7 +15,7 @@ from megatron_adapt.training.data import micro_batches
 from megatron_adapt.training.step import forward_backward
 
 
-def evaluate(model, valid_sets: dict, config: Config, iteration: int,
+def validate(model, valid_sets: dict, config: Config, iteration: int,
              bytes_per_token: dict[str, float] | None = None) -> dict[str, float]:
     """Validation loss per blend group over ``eval_steps`` global batches (different ones each round),
     and ``valid_bpb/<group>`` for groups in ``bytes_per_token``."""

@@ -1,11 +1,8 @@
-"""When the fused vocabulary kernels can be used, and the loss through them.
+"""Whether the fused vocabulary kernels can be trusted on this machine: both ops run on a small
+random problem against their plain-PyTorch references.
 
-The layers that call them are ``model.vocab``'s (``VocabLayout(fused=True)``); their loss is
-``fused_loss``: ``kernels.linear_cross_entropy`` against the output weight, with no [tokens, vocab]
-logits and a weight gradient only for the trainable rows. Losses and gradients equal
-megatron-core's path (tested). The kernels exist for CUDA tensors (Triton) and float32 CPU tensors
-(C++); elsewhere ``fused_vocab_supported`` says no and the model keeps megatron-core's path. On a
-GPU it first checks the Triton kernels against the references on a small problem.
+The kernels exist for CUDA tensors (Triton) and float32 CPU tensors (C++); CI can only run the
+Triton kernels under the interpreter, so a GPU run checks them here before relying on them.
 """
 
 from __future__ import annotations
@@ -13,17 +10,15 @@ from __future__ import annotations
 import logging
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_adapt.kernels.embedding import vocab_embedding, vocab_embedding_reference
 from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from megatron_adapt.model.vocab import vocab_tables
 
 log = logging.getLogger(__name__)
 
 
 def fused_vocab_supported(dtype: torch.dtype) -> bool:
-    """float32 on CPU (the C++ kernels); on GPUs the Triton kernels, once they pass a check here."""
+    """float32 on CPU (the C++ kernels); on GPUs the Triton kernels, once they pass ``self_check``."""
     if not torch.cuda.is_available():
         return dtype == torch.float32
     try:
@@ -72,17 +67,3 @@ def self_check(device: str, dtype: torch.dtype) -> str | None:
         if not error <= tolerance:
             return f"{name} differs from the reference by {error:.1e} ({dtype})"
     return None
-
-
-def fused_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-               loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the masked token losses, number of tokens it counts) from the final hidden states
-    [b, s, h] (last stage), as ``model.loss.masked_sum`` gives them for logits."""
-    layer = model.output_layer.table
-    table, trainable, span = vocab_tables(layer)
-    mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
-    loss_sum, _ = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), trainable, table, labels.reshape(-1),
-                                       layer.vocab_start, model.true_vocab_size, span, token_weights=mask.reshape(-1),
-                                       group=parallel_state.get_tensor_model_parallel_group(),
-                                       reduce_hidden_grad=not model.output_layer.sequence_parallel)
-    return loss_sum, mask.sum().to(torch.int)
