@@ -6,9 +6,13 @@
 # The run is checked first (megatron_adapt.pretrain --check, one task): a bad config or a missing
 # file is refused before the nodes' GPUs start.
 #
-# Slurm sends SIGUSR2 ten minutes before the time limit (or preemption); torchrun relays it to
-# the workers, which agree at the next step boundary, save a checkpoint and exit. If the run has
-# not finished (no RUN/done), this script requeues the job, and the same command resumes.
+# Slurm sends SIGUSR2 to this batch shell ten minutes before the time limit (B:USR2@600); its trap
+# writes RUN/stop, which the workers poll at each step boundary: they agree, save a checkpoint,
+# write RUN/stopped and exit. Only then is the job requeued (at most MAX_REQUEUES times, counted
+# by Slurm's SLURM_RESTART_COUNT), and the same command resumes. A crash is never requeued: it
+# would fail again, forever. Nothing depends on torchrun relaying signals, which older torch
+# versions do not do for SIGUSR2 and whose 30 s shutdown grace (before torch 2.12) is shorter
+# than a 7B save.
 #SBATCH --job-name=megatron-adapt
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -16,7 +20,7 @@
 #SBATCH --cpus-per-task=96
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
-#SBATCH --signal=USR2@600
+#SBATCH --signal=B:USR2@600
 #SBATCH --requeue
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
@@ -42,28 +46,32 @@ RUN_DIR=$("${SRUN[@]}" --nodes=1 --ntasks=1 $PYTHON "${TRAIN[@]}" --check | tail
 export CUDA_DEVICE_MAX_CONNECTIONS=1          # megatron-core's TP overlap needs ordered kernels
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-# torchrun relays these to the workers (--signals-to-handle, read from PET_*; older torch read
-# TORCHELASTIC_*); without SIGUSR2 among them Slurm's warning kills torchrun and its workers.
-export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2
-export TORCHELASTIC_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE
 export OMP_NUM_THREADS=8 WANDB_MODE=${WANDB_MODE:-offline}
-# After relaying the signal torchrun kills workers that have not exited within this many seconds
-# (default 30, too short to save a 7B checkpoint); Slurm's signal comes 600 s before the limit.
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-540}
+MAX_REQUEUES=${MAX_REQUEUES:-20}
 
 echo "job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES nodes, master $MASTER_ADDR, run $RUN_DIR, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 LAUNCH=($PYTHON -m torch.distributed.run --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$GPUS_PER_NODE"
         --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID")
 
+stop() { echo "signal: asking the run to save and stop"; touch "$RUN_DIR/stop"; }
+trap stop USR2 TERM
 set +e
-"${SRUN[@]}" "${LAUNCH[@]}" "${TRAIN[@]}"
-status=$?
+"${SRUN[@]}" "${LAUNCH[@]}" "${TRAIN[@]}" &
+step=$!
+while :; do   # a trapped signal interrupts wait (status > 128) while the step goes on
+    wait "$step"; status=$?
+    kill -0 "$step" 2>/dev/null || break
+done
 set -e
 if [ -f "$RUN_DIR/done" ]; then
     echo "training complete"
-elif [ -f "$RUN_DIR/latest" ]; then
-    echo "stopped at $(cat "$RUN_DIR/latest") (exit $status); requeueing"
+elif [ -f "$RUN_DIR/stopped" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then
+    echo "stopped on request at $(cat "$RUN_DIR/latest"); requeueing (restart ${SLURM_RESTART_COUNT:-0} of $MAX_REQUEUES)"
     scontrol requeue "$SLURM_JOB_ID"
+elif [ -f "$RUN_DIR/stopped" ]; then
+    echo "stopped on request, but the job was requeued $MAX_REQUEUES times already (MAX_REQUEUES): not again"
+    exit 3
 else
-    echo "failed before the first checkpoint (exit $status)"; exit "$status"
+    echo "the run failed (exit $status)$([ -f "$RUN_DIR/latest" ] && echo "; its last checkpoint: $(cat "$RUN_DIR/latest")"); not requeued"
+    exit "$status"
 fi

@@ -9,6 +9,11 @@
     RUN/iter_0000500/meta.json    ``CheckpointMeta`` — written last: a checkpoint without it is
                                   incomplete
     RUN/latest                    name of the newest complete checkpoint, replaced atomically
+    RUN/done                      the run reached train.steps
+    RUN/stop                      written by a launcher (the Slurm script's signal trap): save at
+                                  the next step boundary and exit
+    RUN/stopped                   the run saved and exited on such a request (or a signal): the
+                                  launcher requeues only then, never after a crash
 
 A checkpoint is written into ``iter_N.tmp`` and renamed by ``commit`` once everything is there, so
 a killed save leaves only a ``.tmp`` directory, which the next commit removes.
@@ -29,6 +34,7 @@ from megatron_adapt.model.lora import is_adapter_key
 
 META_NAME = "meta.json"
 POINTER_NAME = "latest"
+DONE_NAME, STOP_REQUEST_NAME, STOPPED_NAME = "done", "stop", "stopped"
 WEIGHTS_DIST = "dist"
 """Subdirectory of a training checkpoint: megatron-core distributed checkpoint."""
 WEIGHTS_HF = "model"

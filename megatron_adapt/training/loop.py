@@ -6,9 +6,12 @@ gradient-norm clipping); micro-batches go through its pipeline schedule (``step.
 batch in a fixed order of sample indices, so the data position is one number (consumed samples)
 and a resumed run sees exactly the samples an uninterrupted one would.
 
-A SIGTERM or SIGUSR2 (Slurm's warning before the time limit, forwarded by torchrun) sets a flag;
-at the next step boundary every rank agrees on it (an all-reduce), the run saves a checkpoint and
-exits with code 0, and the requeued job resumes from it.
+A stop request, ``RUN/stop`` (written by the Slurm script's trap for the warning signal it asks
+for before the time limit), or a SIGTERM/SIGUSR2 delivered to the workers, is seen at the next
+step boundary; every rank agrees on it (an all-reduce), the run saves a checkpoint, writes
+``RUN/stopped`` and exits with code 0, and the requeued job resumes from it. Polling a file needs
+nothing from torchrun, whose signal relaying and shutdown grace period differ across torch
+versions.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from megatron.core.distributed import (
 
 from megatron_adapt import distributed
 from megatron_adapt.checkpoint import train_state
+from megatron_adapt.checkpoint.format import DONE_NAME, STOP_REQUEST_NAME, STOPPED_NAME
 from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.data.blend import bytes_per_token
 from megatron_adapt.kernels.self_check import fused_vocab_supported
@@ -67,6 +71,9 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.get_rank() == 0:
         (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        for stale in (STOP_REQUEST_NAME, STOPPED_NAME):  # a request or a mark of the job before
+            (run_dir / stale).unlink(missing_ok=True)
+    dist.barrier()
     model = build_model(config, plan)
     optimizer = build_optimizer(config, model, plan.params_dtype, plan.distributed_optimizer)
     scheduler = build_scheduler(config, optimizer)
@@ -104,19 +111,26 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
             _log_step(sink, iteration, steps, metrics)
         if config.train.eval_interval and iteration % config.train.eval_interval == 0:
             _log_step(sink, iteration, steps, validate(model, valid_sets, config, iteration, byte_rates))
-        stop = distributed.any_rank(_STOP["requested"])
+        stop = distributed.any_rank(_stop_requested(run_dir))
         if stop or iteration % config.checkpoint.save_interval == 0 or iteration == steps:
             gather_parameters(model)
             train_state.save(run_dir, iteration, model, optimizer, scheduler, consumed, to_dict(config),
                              config.checkpoint.keep)
         if stop:
+            if dist.get_rank() == 0:
+                (run_dir / STOPPED_NAME).write_text(str(iteration))
             log.warning("stopped at step %d on request; resume by running the same command", iteration)
             break
     prefetch.shutdown(cancel_futures=True)
     if iteration == steps and dist.get_rank() == 0:
-        (run_dir / "done").write_text(str(iteration))
+        (run_dir / DONE_NAME).write_text(str(iteration))
     distributed.destroy()
     return metrics
+
+
+def _stop_requested(run_dir: Path) -> bool:
+    """A signal reached this process, or (rank 0 looks, one stat a step) a launcher wrote RUN/stop."""
+    return _STOP["requested"] or (dist.get_rank() == 0 and (run_dir / STOP_REQUEST_NAME).exists())
 
 
 def train_step(model: DistributedDataParallel, optimizer, scheduler, batches: list[dict[str, torch.Tensor]],
