@@ -25,6 +25,7 @@ The two per-chunk steps are torch ops with a C++ kernel for CPU tensors
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -110,12 +111,29 @@ def _merge_across_ranks(max_: torch.Tensor, sum_exp: torch.Tensor, target: torch
     return max_ + torch.log(sum_exp), target
 
 
+@functools.cache
+def accumulates_into_float32(device_type: str) -> bool:
+    """Whether ``torch.addmm`` adds a bf16/fp16 product into a float32 ``out`` here (``out_dtype``:
+    torch 2.10 and later; torch 2.8-2.9 refuse the mix, and earlier ones lack the argument)."""
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+    out = torch.zeros(2, 2, device=device_type)
+    try:
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+    except (TypeError, RuntimeError):
+        return False
+    return bool(out.eq(2).all())
+
+
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (float32) += a @ b, for a and b of the model's dtype (cuBLAS accumulates into fp32)."""
+    """out (float32) += a @ b, for a and b of the model's dtype: the product accumulates in fp32 in
+    the GEMM where torch can say so, else from fp32 copies of the operands (never rounded to the
+    model's dtype on the way)."""
     if a.dtype == out.dtype:
         out.addmm_(a, b)
-    else:
+    elif accumulates_into_float32(out.device.type):
         torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -189,6 +207,8 @@ def linear_cross_entropy(hidden: torch.Tensor, trainable: torch.Tensor, weight: 
     """
     if token_weights is None:
         token_weights = torch.ones_like(labels, dtype=torch.float32)
+    if not torch.is_grad_enabled():  # validation: the op's gradients are made in its forward, so skip them here
+        hidden, trainable = hidden.detach(), trainable.detach()
     return _LinearCrossEntropy.apply(hidden, trainable, weight.detach(), labels, token_weights.detach(), vocab_start,
                                      true_vocab_size, trainable_span, ignore_index, z_loss, group, reduce_hidden_grad,
                                      chunk or chunk_tokens(hidden.shape[0]))

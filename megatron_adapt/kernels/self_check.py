@@ -11,23 +11,52 @@ import logging
 
 import torch
 
+from megatron_adapt import distributed
 from megatron_adapt.kernels.embedding import vocab_embedding, vocab_embedding_reference
 from megatron_adapt.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 log = logging.getLogger(__name__)
 
 
-def fused_vocab_supported(dtype: torch.dtype) -> bool:
-    """float32 on CPU (the C++ kernels); on GPUs the Triton kernels, once they pass ``self_check``."""
+class FusedKernelsFailed(RuntimeError):
+    """The fused vocabulary kernels failed their check on this machine and no fallback was allowed."""
+
+
+def use_fused_vocab(dtype: torch.dtype, allow_fallback: bool = False) -> bool:
+    """Whether this run's model uses the fused kernels; collective, the same answer on every rank.
+
+    On CPU the C++ kernels take float32 only (other dtypes keep megatron-core's layers: expected,
+    logged). On GPUs each rank checks the Triton kernels (``self_check``) and the ranks agree:
+    if any fails, all fail, since ranks disagreeing on the loss would pair mismatched
+    collectives and hang. A failure stops the run naming it, unless ``allow_fallback``."""
     if not torch.cuda.is_available():
+        if dtype != torch.float32:
+            log.info("fused vocabulary kernels not used: on the CPU they take float32 tensors, not %s", dtype)
         return dtype == torch.float32
+    return agree_on_check(checked_problem("cuda", dtype), allow_fallback)
+
+
+def checked_problem(device: str, dtype: torch.dtype) -> str | None:
+    """``self_check``'s finding, or the error the kernels raised (one that cannot run here is as
+    unusable as a wrong one)."""
     try:
-        problem = self_check("cuda", dtype)
-    except Exception as error:  # noqa: BLE001 - a kernel that cannot run here is as unusable as a wrong one
-        problem = f"{type(error).__name__}: {error}"
-    if problem:
-        log.warning("fused vocabulary kernels disabled on this GPU: %s", problem)
-    return problem is None
+        return self_check(device, dtype)
+    except Exception as error:  # noqa: BLE001
+        return f"{type(error).__name__}: {error}"
+
+
+def agree_on_check(problem: str | None, allow_fallback: bool) -> bool:
+    """True on every rank when no rank found a ``problem``; otherwise False everywhere (with
+    ``allow_fallback``) or ``FusedKernelsFailed`` raised on every rank."""
+    if not distributed.any_rank(problem is not None):
+        return True
+    reason = problem or "another rank's check failed"
+    if allow_fallback:
+        log.warning("fused vocabulary kernels disabled (model.fused_vocab_fallback): %s", reason)
+        return False
+    raise FusedKernelsFailed(f"model.fused_vocab: the fused vocabulary kernels failed their self-check on this "
+                             f"machine ({reason}); set model.fused_vocab=false for megatron-core's layers, or "
+                             "model.fused_vocab_fallback=true to fall back to them when this happens")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -41,6 +41,9 @@ class ModelConfig:
     fused_vocab: bool = True
     """Embedding lookup and output loss through the fused kernels (no logits tensor, gradient
     only for trainable rows) where the device has them; false: megatron-core's own layers."""
+    fused_vocab_fallback: bool = False
+    """When the fused kernels fail their start-up check on a GPU, use megatron-core's layers
+    (logged) instead of stopping the run."""
     attention_backend: Literal["auto", "flash", "fused", "unfused"] = "auto"
     """TransformerEngine's attention kernel (Megatron-LM's --attention-backend): auto lets TE pick
     per shape and mask; ignored on megatron-core's local spec."""

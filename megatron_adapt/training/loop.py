@@ -37,7 +37,7 @@ from megatron_adapt.checkpoint import train_state
 from megatron_adapt.checkpoint.format import DONE_NAME, STOP_REQUEST_NAME, STOPPED_NAME
 from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.data.blend import bytes_per_token
-from megatron_adapt.kernels.self_check import fused_vocab_supported
+from megatron_adapt.kernels.self_check import use_fused_vocab
 from megatron_adapt.model.build import LlamaGPTModel, build_llama
 from megatron_adapt.model.freeze import apply_freeze_policy
 from megatron_adapt.model.resize import resizing_reader
@@ -157,9 +157,7 @@ def gather_parameters(model: DistributedDataParallel) -> None:
 def build_model(config: Config, plan: RunPlan, load_weights: bool = True) -> DistributedDataParallel:
     """This rank's model with its start weights (random ones without ``load_weights``: benchmarks),
     what trains set, in megatron-core's DDP wrapper."""
-    fused = config.model.fused_vocab and fused_vocab_supported(plan.params_dtype)
-    if config.model.fused_vocab and not fused:
-        log.info("fused vocabulary kernels not used: they take CUDA tensors or float32 CPU tensors")
+    fused = config.model.fused_vocab and use_fused_vocab(plan.params_dtype, config.model.fused_vocab_fallback)
     model = build_llama(plan.arch, params_dtype=plan.params_dtype, seq_length=config.data.seq_length,
                         first_trainable_row=plan.first_trainable_row(config), fused_vocab=fused,
                         per_document_attention=config.data.per_document_attention, lora=config.train.lora,

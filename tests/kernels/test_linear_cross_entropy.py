@@ -100,13 +100,24 @@ def test_chunk_kernels_match_float64():
     assert _rel(logits, expected) <= 1e-5, "gradient of the logits chunk"  # lse rounded to fp32: ~2e-6
 
 
-def test_no_grad_forward_computes_losses_only():
+def test_no_grad_forward_computes_losses_only(monkeypatch):
+    """Under torch.no_grad (validation) the op computes no gradient, though its inputs require one:
+    its gradients are made in the forward pass, where autograd's needs_input_grad still says yes."""
+    from megatron_adapt.kernels import linear_cross_entropy as lce
+
     hidden, weight, labels, token_weights = _inputs(4)
+    hidden.requires_grad_()
     trainable = torch.nn.Parameter(weight.clone())
+    calls = []
+    original = lce.chunk_gradient_
+    monkeypatch.setattr(lce, "chunk_gradient_", lambda *args: (calls.append(1), original(*args))[1])
     with torch.no_grad():
         loss_sum, losses = linear_cross_entropy(hidden, trainable, weight, labels, 0, TRUE_V, (0, V), chunk=8)
     assert _rel(losses, linear_cross_entropy_reference(hidden.double(), weight.double(), labels, TRUE_V)) <= 1e-5
     assert not loss_sum.requires_grad
+    assert not calls, f"{len(calls)} chunks' gradients computed under no_grad"
+    linear_cross_entropy(hidden, trainable, weight, labels, 0, TRUE_V, (0, V), chunk=8)
+    assert calls, "the gradient kernel is not where this test counts it"
 
 
 def test_strided_hidden_states():

@@ -73,16 +73,47 @@ def test_self_check_passes_on_the_cpu_kernels():
     assert self_check("cpu", torch.float32) is None
 
 
-def test_gpu_that_fails_the_check_falls_back(monkeypatch, caplog):
-    """A GPU whose kernels raise (or differ) runs megatron-core's layers, with the reason logged."""
+def _decide_with_rank1_failing(allow_fallback: bool) -> dict:
+    """Every rank's decision when rank 1's kernels raise (as a GPU without them would)."""
     from megatron_adapt.kernels import self_check as checks
 
     def broken(device, dtype):
         raise RuntimeError("no kernel image is available")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(checks, "self_check", broken)
-    assert checks.fused_vocab_supported(torch.bfloat16) is False
-    assert "no kernel image is available" in caplog.text
-    monkeypatch.setattr(checks, "self_check", lambda device, dtype: "loss differs by 1e-1")
-    assert checks.fused_vocab_supported(torch.bfloat16) is False
+    if torch.distributed.get_rank() == 1:
+        checks.self_check = broken  # in this spawned process only
+    problem = checks.checked_problem("cpu", torch.float32)
+    try:
+        return {"fused": checks.agree_on_check(problem, allow_fallback)}
+    except checks.FusedKernelsFailed as err:
+        return {"error": str(err)}
+
+
+@pytest.mark.distributed
+def test_ranks_agree_when_one_ranks_check_fails():
+    """One rank's failed check decides for all (ranks disagreeing on the loss would hang NCCL); the
+    run stops naming the kernels' error unless model.fused_vocab_fallback allows megatron-core's layers."""
+    stop = run_ranks(_decide_with_rank1_failing, False, tp=2)
+    assert all("error" in r for r in stop), f"a rank went on: {stop}"
+    assert "no kernel image is available" in stop[1]["error"] and "model.fused_vocab_fallback" in stop[1]["error"]
+    assert "another rank's check failed" in stop[0]["error"]
+    assert run_ranks(_decide_with_rank1_failing, True, tp=2) == [{"fused": False}, {"fused": False}]
+
+
+def test_mixed_precision_products_accumulate_in_float32_on_every_torch(monkeypatch):
+    """The weight-gradient product of bf16 operands into an fp32 accumulator, with torch's
+    out_dtype (2.10+) and without it (older torch refuses it): both equal the float64 product."""
+    from megatron_adapt.kernels import linear_cross_entropy as lce
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(64, 48, generator=gen).bfloat16(), torch.randn(48, 32, generator=gen).bfloat16())
+    want = 1 + a.double() @ b.double()
+    for supported in (True, False):
+        monkeypatch.setattr(lce, "accumulates_into_float32", lambda device_type, s=supported: s)
+        out = torch.ones(64, 32)
+        try:
+            lce._add_product(out, a, b)
+        except RuntimeError as err:  # this torch's CPU addmm lacks the mixed-dtype kernel
+            assert supported, err
+            continue
+        assert ((out.double() - want).abs().max() <= 1e-4), f"out_dtype supported={supported}"

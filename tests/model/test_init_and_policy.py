@@ -32,3 +32,14 @@ def test_pattern_freezing_counts():
     trainable = apply_freeze_policy(model, FreezePolicy(train="all", freeze=["decoder.layers.0.*", "*.bias"]))
     assert trainable == 2 * 16, "expected the weights of layers 1 and 2 only"
     assert not model.decoder.layers[0].weight.requires_grad and model.decoder.layers[2].weight.requires_grad
+
+
+def test_masked_sum_keeps_its_counts_on_the_losses_device():
+    """The schedule adds the token count to tensors on the GPU: a count made on the host (no loss
+    mask) crashed there. "meta" stands in for a device other than the host."""
+    from megatron_adapt.model.loss import masked_sum
+
+    losses = torch.empty(2, 5, device="meta")
+    for mask in (None, torch.ones(2, 5, device="meta")):
+        total, count = masked_sum(losses, mask)
+        assert total.device == count.device == losses.device, f"mask {mask is not None}: count on {count.device}"
