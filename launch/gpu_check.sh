@@ -3,7 +3,8 @@
 #
 #   bash launch/gpu_check.sh [RESULTS_DIR]        # default results/gpu_check-<hostname>
 #
-# 1. set-up: ./.venv-gpu with a CUDA build of PyTorch (TORCH_SPEC, default: the registry's torch),
+# 1. set-up: ./.venv-gpu over the machine's own packages (--system-site-packages: a container's CUDA torch,
+#    TE and apex; else a CUDA build of PyTorch from TORCH_SPEC, default the registry's torch),
 #    megatron-adapt with its test extras, and where installable TransformerEngine, Liger-Kernel and
 #    Apple's cut-cross-entropy (each optional; what is missing is said). PYTHON=/path/to/python with
 #    SETUP=0 uses an existing environment instead (torch with CUDA, megatron-core and the test
@@ -29,7 +30,9 @@ nvidia-smi -L | tee "$OUT/gpus.txt"
 
 if [ "${SETUP:-1}" = 1 ]; then
     PYTHON_BASE=${PYTHON:-python3}
-    [ -x .venv-gpu/bin/python ] || "$PYTHON_BASE" -m venv .venv-gpu
+    # The container's packages (its CUDA torch, TransformerEngine, apex) are what users run: seen
+    # from the venv, not replaced by the registry's.
+    [ -x .venv-gpu/bin/python ] || "$PYTHON_BASE" -m venv --system-site-packages .venv-gpu
     PYTHON=.venv-gpu/bin/python
     $PYTHON -m pip install -q --upgrade pip
     $PYTHON -c "import torch; assert torch.cuda.is_available()" 2>/dev/null \

@@ -45,6 +45,11 @@ RUN_DIR=$("${SRUN[@]}" --nodes=1 --ntasks=1 $PYTHON "${TRAIN[@]}" --check | tail
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1          # megatron-core's TP overlap needs ordered kernels
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+# On several nodes NCCL and megatron-core's gloo groups must use the nodes' fabric interface, not
+# whichever comes first (docker0, a management NIC): SOCKET_IFNAME=ib0 (or the node's name for it).
+if [ -n "${SOCKET_IFNAME:-}" ]; then
+    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}
+fi
 export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export OMP_NUM_THREADS=8 WANDB_MODE=${WANDB_MODE:-offline}
 MAX_REQUEUES=${MAX_REQUEUES:-20}

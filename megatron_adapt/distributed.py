@@ -3,6 +3,7 @@ few scalar collectives the training loop needs."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def initialize(tp_size: int = 1, pp_size: int = 1, seed: int = 1234,
                init_method: str | None = None, rank: int | None = None,
-               world_size: int | None = None, cp_size: int = 1) -> None:
+               world_size: int | None = None, cp_size: int = 1, timeout_minutes: int = 60) -> None:
     """Join the process group (NCCL on GPUs, gloo on CPU) and carve it into TP/PP/CP/DP groups.
 
     Rank and world size come from torchrun's environment unless given. On a CPU-only process the
@@ -40,12 +41,12 @@ def initialize(tp_size: int = 1, pp_size: int = 1, seed: int = 1234,
     if init_method is None and world_size == 1 and "MASTER_ADDR" not in os.environ:
         init_method = f"file://{tempfile.mkstemp(prefix='megatron-adapt-store-')[1]}"  # plain `python -m`
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method,
-                                rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
     if world_size % (tp_size * pp_size * cp_size):
         raise ValueError(f"world size {world_size} is not a multiple of TP×PP×CP = {tp_size}×{pp_size}×{cp_size}")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
-                                             pipeline_model_parallel_size=pp_size, context_parallel_size=cp_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
+                                             context_parallel_size=cp_size, distributed_timeout_minutes=timeout_minutes)
     model_parallel_cuda_manual_seed(seed)
     if rank == 0:
         log.info("initialized %s: world %d = TP %d × PP %d × CP %d × DP %d", dist.get_backend(), world_size,

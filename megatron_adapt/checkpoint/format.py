@@ -59,6 +59,9 @@ class CheckpointMeta:
     and "rng"."""
     optimizer: OptimizerKind | None = None
     """'distributed' (state sharded over DP) or 'replicated': their states do not mix."""
+    optimizer_format: str = "fully_reshardable"
+    """The distributed optimizer's state layout (``checkpoint.optimizer_format``); checkpoints from
+    before it was recorded are fully reshardable."""
     scheduler: dict[str, Any] | None = None
     run_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The training config of the run that saved it (empty for a converted start)."""

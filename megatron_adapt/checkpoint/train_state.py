@@ -79,9 +79,8 @@ def _rng_object() -> ShardedObject:
     return ShardedObject("rng_state", rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-# The distributed optimizer's one layout that reshards across TP/PP as well as DP (megatron-core
-# 0.16 refuses its older default, and 'dp_reshardable' keeps the TP/PP layout).
-_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+OptimizerFormat = str
+"""megatron-core's ``distrib_optim_sharding_type``: 'dp_reshardable' or 'fully_reshardable'."""
 
 
 def _model_state(module, adapters_only: bool) -> dict[str, Any]:
@@ -97,13 +96,14 @@ def _model_state(module, adapters_only: bool) -> dict[str, Any]:
 
 
 def sharded_state(model, optimizer=None, with_rng: bool = False, loading: bool = False,
-                  adapters_only: bool = False) -> dict[str, Any]:
+                  adapters_only: bool = False, optimizer_format: OptimizerFormat = "fully_reshardable") -> dict[str, Any]:
     """What a checkpoint holds for this rank, as megatron-core sharded tensors and objects."""
     module = unwrap(model)
     state: dict[str, Any] = {"model": _model_state(module, adapters_only)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"] | trainable_row_shards(module),
-                                                          is_loading=loading, metadata=_OPTIMIZER_FORMAT)
+                                                          is_loading=loading,
+                                                          metadata={"distrib_optim_sharding_type": optimizer_format})
     if with_rng:
         state["rng"] = _rng_object()
     return state
@@ -125,7 +125,8 @@ def write_dist(state: dict[str, Any], directory: Path) -> None:
 
 
 def save(run_dir: str | Path, iteration: int, model, optimizer=None, scheduler=None, consumed_samples: int = 0,
-         run_config: dict[str, Any] | None = None, keep: int = 0) -> Path:
+         run_config: dict[str, Any] | None = None, keep: int = 0,
+         optimizer_format: OptimizerFormat = "fully_reshardable") -> Path:
     """Collective: every rank writes its part; global rank 0 completes the checkpoint.
 
     Without an optimizer only the weights are saved: a checkpoint to start a stage from.
@@ -138,12 +139,14 @@ def save(run_dir: str | Path, iteration: int, model, optimizer=None, scheduler=N
     dist.barrier()
     resumable = optimizer is not None
     adapters = unwrap(model).lora is not None
-    write_dist(sharded_state(model, optimizer, with_rng=resumable, adapters_only=adapters), staged / WEIGHTS_DIST)
+    write_dist(sharded_state(model, optimizer, with_rng=resumable, adapters_only=adapters,
+                             optimizer_format=optimizer_format), staged / WEIGHTS_DIST)
     final = Path(run_dir) / iteration_name(iteration)
     if rank == 0:
         meta = CheckpointMeta(iteration=iteration, consumed_samples=consumed_samples, layout=_layout(),
                               contents=["adapters" if adapters else "model"] + (["optimizer", "rng"] if resumable else []),
                               optimizer=optimizer_kind(optimizer) if resumable else None,
+                              optimizer_format=optimizer_format,
                               scheduler=scheduler.state_dict() if scheduler is not None else None,
                               run_config=run_config or {})
         commit(run_dir, meta, unwrap(model).architecture, keep)
@@ -174,7 +177,7 @@ def load(path: Path, model, optimizer=None, scheduler=None) -> CheckpointMeta:
     same_layout = ({"cp": 1} | meta.layout) == _layout()  # checkpoints from before CP have no "cp"
     directory = str(path / WEIGHTS_DIST)
     state = sharded_state(model, optimizer, with_rng=optimizer is not None and same_layout, loading=True,
-                          adapters_only=meta.adapters_only)
+                          adapters_only=meta.adapters_only, optimizer_format=meta.optimizer_format)
     strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory), _dp_group())
     loaded = dist_checkpointing.load(state, directory, sharded_strategy=strategy)
     # Under LoRA a checkpoint holds a part of the model (the adapters, or the base); the rest stays.

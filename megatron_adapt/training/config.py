@@ -77,6 +77,10 @@ class ParallelConfig:
     """Ranks that split every sequence between them (Megatron-LM's --context-parallel-size): for
     sequences whose activations do not fit otherwise. Attention gathers keys and values over them
     (TransformerEngine's ring exchange, or an all-gather on the local spec); causal attention only."""
+    timeout_minutes: int = 60
+    """How long a collective may wait for the other ranks (Megatron-LM's --distributed-timeout-minutes):
+    rank 0 alone builds the blend's sample index at the first run, which for a 140B-token blend
+    takes longer than torch's 10-minute default."""
 
 
 @dataclasses.dataclass
@@ -139,6 +143,13 @@ class CheckpointConfig:
     save_interval: int = 500
     keep: int = 3
     """Complete checkpoints kept (older ones are deleted after a newer one is complete)."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer saves its state (Megatron-LM's default and
+    --dist-ckpt-optim-fully-reshardable): 'dp_reshardable' writes each rank's own shard, nothing
+    gathered, and resumes at another DP size only; 'fully_reshardable' gathers every DP rank's
+    state (host memory of the whole optimizer state per TP/PP rank) and resumes at any layout:
+    use it for the save before changing TP, PP or CP. The replicated optimizer (no TE/apex)
+    always reshards fully."""
 
 
 @dataclasses.dataclass

@@ -64,7 +64,7 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
     ``plan_run(config)`` when the caller has already made it."""
     plan = plan or plan_run(config)
     distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.data.seed,
-                           cp_size=config.parallel.context_parallel)
+                           cp_size=config.parallel.context_parallel, timeout_minutes=config.parallel.timeout_minutes)
     for signum in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(signum, _request_stop)
     run_dir = Path(config.checkpoint.save)
@@ -115,7 +115,7 @@ def train(config: Config, plan: RunPlan | None = None) -> dict:
         if stop or iteration % config.checkpoint.save_interval == 0 or iteration == steps:
             gather_parameters(model)
             train_state.save(run_dir, iteration, model, optimizer, scheduler, consumed, to_dict(config),
-                             config.checkpoint.keep)
+                             config.checkpoint.keep, config.checkpoint.optimizer_format)
         if stop:
             if dist.get_rank() == 0:
                 (run_dir / STOPPED_NAME).write_text(str(iteration))

@@ -98,6 +98,19 @@ def _eod_id(tokenizer: TextTokenizer | None, arch: LlamaArchitecture) -> int:
                       "the tokenizer the data was preprocessed with, whose EOS ends every document")
 
 
+def _check_optimizer_layout(meta: CheckpointMeta, config: Config, checkpoint: Path) -> None:
+    """A distributed optimizer's 'dp_reshardable' state resumes at its own TP/PP/CP only."""
+    if meta.optimizer != "distributed" or meta.optimizer_format != "dp_reshardable":
+        return
+    saved = {k: meta.layout.get(k, 1) for k in ("tp", "pp", "cp")}
+    wanted = {"tp": config.parallel.tp, "pp": config.parallel.pp, "cp": config.parallel.context_parallel}
+    if saved != wanted:
+        raise ConfigError(f"parallel: {checkpoint} was saved at TP {saved['tp']} × PP {saved['pp']} × CP {saved['cp']} with "
+                          "checkpoint.optimizer_format=dp_reshardable, which resumes at that layout only (any DP size); "
+                          "resume there once with checkpoint.optimizer_format=fully_reshardable and save, then change "
+                          "the layout")
+
+
 def plan_run(config: Config) -> RunPlan:
     resume_from, start_from = latest(config.checkpoint.save), _start_checkpoint(config)
     source = resume_from or start_from  # the checkpoint whose config.json describes the model now
@@ -116,7 +129,9 @@ def plan_run(config: Config) -> RunPlan:
         arch = arch.with_vocab_size(vocab)
     planned = optimizer_kind_for_this_machine()
     if resume_from is not None:
-        saved = CheckpointMeta.read(resume_from).optimizer
+        meta = CheckpointMeta.read(resume_from)
+        saved = meta.optimizer
+        _check_optimizer_layout(meta, config, resume_from)
         if saved and saved != planned:
             raise ConfigError(f"{resume_from} was saved by the {saved} optimizer, this run uses the {planned} one "
                               "(their states differ in form): resume on the same kind of machine")

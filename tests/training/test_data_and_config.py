@@ -110,13 +110,15 @@ def test_missing_data_prefix_is_named(recipe, tmp_path):
         plan_run(config)
 
 
-def _fake_checkpoint(recipe, run, vocab_size: int, optimizer: str = "replicated") -> None:
+def _fake_checkpoint(recipe, run, vocab_size: int, optimizer: str = "replicated",
+                     optimizer_format: str = "fully_reshardable") -> None:
     """What plan_run reads of a run's latest checkpoint (its config and meta), nothing more."""
     (run / "iter_0000001").mkdir(parents=True)
     cfg = json.loads((recipe / "base_llama" / "config.json").read_text())
     (run / "iter_0000001" / "config.json").write_text(json.dumps(dict(cfg, vocab_size=vocab_size)))
     meta = CheckpointMeta(iteration=1, consumed_samples=0, layout={"tp": 1, "pp": 1, "world": 1},
-                          contents=["model", "optimizer", "rng"], optimizer=optimizer)
+                          contents=["model", "optimizer", "rng"], optimizer=optimizer,
+                          optimizer_format=optimizer_format)
     (run / "iter_0000001" / "meta.json").write_text(meta.to_json())
     (run / "latest").write_text("iter_0000001")
 
@@ -126,6 +128,20 @@ def test_resume_with_another_kind_of_optimizer_is_refused(recipe, tmp_path):
     config = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="saved by the distributed optimizer, this run uses the replicated"):
         plan_run(config)
+
+
+def test_dp_reshardable_optimizer_state_resumes_only_at_its_layout(recipe, tmp_path, monkeypatch):
+    """Routine saves write each rank's optimizer shard (no gather of the whole state on every DP
+    rank); such a checkpoint resumes at another DP size only, and another TP/PP is refused by name."""
+    from megatron_adapt.training import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "optimizer_kind_for_this_machine", lambda: "distributed")
+    _fake_checkpoint(recipe, tmp_path / "run", vocab_size=1500, optimizer="distributed", optimizer_format="dp_reshardable")
+    at_tp2 = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}"])  # the recipe config: TP=2
+    with pytest.raises(ConfigError, match="parallel: .* TP 1 × PP 1 × CP 1 .*optimizer_format=fully_reshardable"):
+        plan_run(at_tp2)
+    at_tp1 = load_config(recipe / "config.yaml", [f"checkpoint.save={tmp_path / 'run'}", "parallel.tp=1"])
+    assert plan_run(at_tp1).resuming
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint(recipe, tmp_path):
