@@ -153,6 +153,11 @@ class VocabOutput(VocabRows, ColumnParallelLinear):
             super()._adopt(first_trainable_row, true_vocab_size)
         else:
             self.new_rows = None
+        if self.table.new_rows is not None:
+            # Gradient-accumulation fusion (apex) writes the weight gradient into the weight's
+            # ``main_grad``; a row-split weight is the joined rows, which have none: the gradient
+            # goes through autograd to the trainable rows' Parameter instead.
+            self.gradient_accumulation_fusion = False
 
     @property
     def table(self) -> VocabRows:
