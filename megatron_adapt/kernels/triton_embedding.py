@@ -47,7 +47,10 @@ def forward(ids: torch.Tensor, table: torch.Tensor, trainable: torch.Tensor, sta
     table, trainable = table.contiguous(), trainable.contiguous()
     out = torch.empty((flat.numel(), table.shape[1]), dtype=table.dtype, device=table.device)
     grid = (triton.cdiv(flat.numel(), block_n), triton.cdiv(table.shape[1], block_h))
-    _forward_kernel[grid](flat, table, trainable, out, flat.numel(), table.shape[1], start, table.shape[0], t0,
+    # A TP rank without added rows has an empty trainable slice, whose null pointer Triton refuses;
+    # no row of it is read (t_rows is 0), so the table's pointer stands in.
+    trainable_or_any = trainable if trainable.numel() else table
+    _forward_kernel[grid](flat, table, trainable_or_any, out, flat.numel(), table.shape[1], start, table.shape[0], t0,
                           trainable.shape[0], BLOCK_N=block_n, BLOCK_H=block_h)
     return out.view(*ids.shape, table.shape[1])
 
@@ -57,6 +60,8 @@ def backward(ids: torch.Tensor, grad_out: torch.Tensor, start: int, t0: int, row
     flat = ids.contiguous().view(-1)
     grad = grad_out.contiguous().view(flat.numel(), -1)
     grad_rows = torch.zeros((rows, grad.shape[1]), dtype=torch.float32, device=grad.device)
+    if rows == 0:  # no trainable row on this rank: nothing to accumulate (and no pointer to give Triton)
+        return grad_rows
     grid = (triton.cdiv(flat.numel(), block_n), triton.cdiv(grad.shape[1], block_h))
     _backward_kernel[grid](flat, grad, grad_rows, flat.numel(), grad.shape[1], start, t0, rows,
                            BLOCK_N=block_n, BLOCK_H=block_h)

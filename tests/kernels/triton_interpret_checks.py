@@ -93,10 +93,37 @@ def check_embedding(dtype: torch.dtype) -> None:
     assert _rel(grad, ref_grad) <= 1e-6, f"{dtype} embedding gradient: {_rel(grad, ref_grad):.2e}"
 
 
+def check_empty_trainable_slice(dtype: torch.dtype, tolerance: float) -> None:
+    """A TP rank whose vocabulary slice holds no added row (LLaMA-2's 32000 base rows cover TP rank
+    0's half at TP=2): an empty trainable tensor through both ops' Triton kernels."""
+    gen = torch.Generator().manual_seed(2)
+    n, h, v, true_v = 20, 24, 300, 300
+    hidden, weight = torch.randn(n, h, generator=gen).to(dtype), (torch.randn(v, h, generator=gen) * 0.4).to(dtype)
+    labels = torch.randint(0, true_v, (n,), generator=gen)
+    torch.library.register_kernel("megatron_adapt::lce_chunk_stats", "cpu", tlce.chunk_stats)
+    torch.library.register_kernel("megatron_adapt::lce_chunk_gradient_", "cpu", tlce.chunk_gradient_)
+    hh, rows = hidden.clone().requires_grad_(), torch.nn.Parameter(weight[v:].clone())
+    loss_sum, losses = lce.linear_cross_entropy(hh, rows, weight, labels, 0, true_v, (v, v), chunk=8)
+    loss_sum.backward()
+    hd = hidden.double().requires_grad_()
+    ref = lce.linear_cross_entropy_reference(hd, weight.double(), labels, true_v)
+    ref.sum().backward()
+    assert _rel(losses, ref.detach()) <= tolerance and _rel(hh.grad, hd.grad) <= tolerance, f"{dtype}: empty span"
+    assert rows.grad is not None and rows.grad.shape == (0, h), f"{dtype}: the empty rows' gradient {rows.grad}"
+
+    ids = torch.randint(0, 100, (2, 9), generator=gen)
+    table, empty = torch.randn(100, 70, generator=gen).to(dtype), torch.empty(0, 70, dtype=dtype)
+    out = triton_embedding.forward(ids, table, empty, 0, 100, block_n=16, block_h=64)
+    assert torch.equal(out, table[ids]), f"{dtype}: embedding with an empty trainable slice"
+    grad = triton_embedding.backward(ids, torch.randn(2, 9, 70, generator=gen).to(dtype), 0, 100, 0)
+    assert grad.shape == (0, 70), f"{dtype}: embedding gradient of an empty slice has shape {tuple(grad.shape)}"
+
+
 if __name__ == "__main__":
     check_embedding(torch.float32)
     check_embedding(torch.float16)
     check_chunk_kernels(torch.float32, 1e-5)
     check_chunk_kernels(torch.float16, 2e-3)
     check_linear_cross_entropy_with_triton_kernels(torch.float32, 1e-5)
+    check_empty_trainable_slice(torch.float32, 1e-5)
     print("ok", file=sys.stderr)
