@@ -57,6 +57,11 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+UNFUSED_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+"""Checkpoint names of norms that are their own modules: those of TE's fused layernorm + linear."""
+
+
 def layer_spec(config, use_transformer_engine: bool | None = None,
                per_document_attention: bool = False, lora: LoraConfig | None = None) -> TransformerBlockSubmodules:
     """This pipeline stage's transformer block: TE's fused layers when importable, megatron-core's
@@ -79,6 +84,9 @@ def layer_spec(config, use_transformer_engine: bool | None = None,
             spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TENorm
             spec.submodules.self_attention.submodules.linear_qkv = TEColumnParallelLinear
             spec.submodules.mlp.submodules.linear_fc1 = TEColumnParallelLinear
+            # A whole-model checkpoint stores the norms under TE's fused names, as the local spec maps them.
+            spec.submodules.sharded_state_dict_keys_map = dict(spec.submodules.sharded_state_dict_keys_map,
+                                                               **UNFUSED_NORM_KEYS)
     else:
         log.info("layer spec: megatron-core local (TransformerEngine not available)")
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))

@@ -255,3 +255,15 @@ def test_lora_model_starts_from_a_whole_model_checkpoint(peft_reference, tmp_pat
     results = run_ranks(_rank_lora_from_whole_checkpoint, peft_reference["dir"], str(tmp_path / "run"), tp=2)
     missed = sorted({name for r in results for name, same in r.items() if not same})
     assert not missed, f"not loaded into the LoRA model: {missed[:4]}"
+
+
+def test_unfused_te_norms_keep_the_checkpoint_names_of_the_local_spec():
+    """Under LoRA the TE spec's norms are their own modules, as the local spec's are: the names it
+    maps them to in a checkpoint (build.UNFUSED_NORM_KEYS) are megatron-core's local-spec map, so a
+    whole-model checkpoint of either spec is read by a LoRA run on TE. (Building the TE spec needs TE.)"""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_adapt.model.build import UNFUSED_NORM_KEYS
+
+    local = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
+    assert UNFUSED_NORM_KEYS.items() <= local.items(), f"{UNFUSED_NORM_KEYS} vs megatron-core's local spec {local}"
