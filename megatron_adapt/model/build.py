@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import importlib
 import logging
 
 import torch
@@ -19,26 +17,13 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megatron_adapt.model.config import LlamaArchitecture
+from megatron_adapt.model.config import LlamaArchitecture, gpu_module_available
 from megatron_adapt.model.context_parallel import ContextParallelAttention
 from megatron_adapt.model.lora import LoraConfig, init_adapters, lora_linear
 from megatron_adapt.model.loss import fused_loss_sum, masked_sum, token_losses
 from megatron_adapt.model.vocab import adopt_vocab_layer, trainable_table_param, vocab_layers
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def gpu_module_available(name: str) -> bool:
-    """Whether an optional GPU acceleration (TransformerEngine, an apex kernel) can be used here:
-    importable, and CUDA present to be of any use."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
 
 
 def transformer_engine_available() -> bool:

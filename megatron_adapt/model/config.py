@@ -9,6 +9,8 @@ model that loads without error but computes something else loses days, not secon
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 import math
 from pathlib import Path
@@ -143,8 +145,7 @@ class LlamaArchitecture:
             gated_linear_unit=True, activation_func=F.silu,
             add_bias_linear=False, add_qkv_bias=False,
             hidden_dropout=0.0, attention_dropout=0.0,
-            bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-            persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+            persist_layer_norm=False, gradient_accumulation_fusion=False, **gpu_fusions(),
             tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
             params_dtype=params_dtype, pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
@@ -152,6 +153,30 @@ class LlamaArchitecture:
         )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+
+@functools.cache
+def gpu_module_available(name: str) -> bool:
+    """Whether an optional GPU acceleration (TransformerEngine, an apex kernel) can be used here:
+    importable, and CUDA present to be of any use."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_fusions() -> dict[str, bool]:
+    """megatron-core's fused kernels where this machine has them, as Megatron-LM's LLaMA setting
+    uses them: SwiGLU and bias-dropout-add (megatron-core's own jit fusions, CUDA), RoPE (TE's
+    kernel) and the masked softmax of the local spec's attention (the compiled CUDA extension).
+    All off on CPU, where they do not exist."""
+    cuda = torch.cuda.is_available()
+    return {"bias_activation_fusion": cuda, "bias_dropout_fusion": cuda,
+            "apply_rope_fusion": gpu_module_available("transformer_engine"),
+            "masked_softmax_fusion": gpu_module_available("scaled_upper_triang_masked_softmax_cuda")}
 
 
 def _from_hf_dict(cfg: dict[str, Any], source: str) -> LlamaArchitecture:

@@ -225,7 +225,7 @@ def transformer_overrides(config: Config) -> dict[str, Any]:
     this machine has what they need."""
     from megatron.core.transformer.enums import AttnBackend
 
-    from megatron_adapt.model.build import gpu_module_available
+    from megatron_adapt.model.config import gpu_module_available
 
     # calculate_per_token_loss: a step's gradient is that of the mean loss over the global batch's
     # target tokens; megatron-core's default averages per micro-batch means, which weights tokens

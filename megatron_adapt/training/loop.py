@@ -39,16 +39,17 @@ from megatron_adapt.checkpoint.hf import HFCheckpointReader
 from megatron_adapt.data.blend import bytes_per_token
 from megatron_adapt.kernels.self_check import use_fused_vocab
 from megatron_adapt.model.build import LlamaGPTModel, build_llama
+from megatron_adapt.model.config import gpu_fusions
 from megatron_adapt.model.freeze import apply_freeze_policy
 from megatron_adapt.model.resize import resizing_reader
 from megatron_adapt.model.weights import load_hf_state
 from megatron_adapt.training.config import Config, to_dict, transformer_overrides
 from megatron_adapt.training.data import DatasetTokenizer, build_datasets, micro_batches
-from megatron_adapt.training.validation import validate
 from megatron_adapt.training.metrics import MetricsSink, Throughput
 from megatron_adapt.training.optim import build_optimizer, build_scheduler
 from megatron_adapt.training.plan import RunPlan, plan_run
 from megatron_adapt.training.step import StepLoss, forward_backward
+from megatron_adapt.training.validation import validate
 
 log = logging.getLogger(__name__)
 _STOP = {"requested": False}
@@ -182,11 +183,12 @@ def build_model(config: Config, plan: RunPlan, load_weights: bool = True) -> Dis
     if d.overlap_grad_reduce:
         model.config.no_sync_func = ddp.no_sync
     c = model.config
+    fused = [name.removesuffix("_fusion") for name in gpu_fusions() if getattr(c, name)]
     log.info("performance: sequence parallel %s, context parallel %d, recompute %s, attention backend %s, gradient "
-             "accumulation fusion %s, overlap grad reduce %s, overlap param gather %s%s", c.sequence_parallel,
-             c.context_parallel_size, c.recompute_granularity or "none", c.attention_backend.name, c.gradient_accumulation_fusion,
-             d.overlap_grad_reduce, gather, " (needs the distributed optimizer)" if d.overlap_param_gather and
-             not gather else "")
+             "accumulation fusion %s, fused kernels %s, overlap grad reduce %s, overlap param gather %s%s",
+             c.sequence_parallel, c.context_parallel_size, c.recompute_granularity or "none", c.attention_backend.name,
+             c.gradient_accumulation_fusion, ", ".join(fused) or "none", d.overlap_grad_reduce, gather,
+             " (needs the distributed optimizer)" if d.overlap_param_gather and not gather else "")
     return ddp
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from megatron_adapt.model.config import LlamaArchitecture, UnsupportedConfigError
 
@@ -57,3 +58,15 @@ def test_parallel_layout_must_divide_heads_and_layers():
         arch.check_parallel_layout(16, 1)
     with pytest.raises(UnsupportedConfigError, match="num_hidden_layers=32"):
         arch.check_parallel_layout(1, 3)
+
+
+def test_gpu_fusions_follow_what_the_machine_has(monkeypatch):
+    """Off on CPU (the kernels do not exist); on CUDA SwiGLU and bias-dropout-add fused, RoPE with
+    TransformerEngine, the masked softmax with its compiled extension (Megatron-LM's LLaMA setting)."""
+    from megatron_adapt.model import config
+
+    assert not any(config.gpu_fusions().values()), "a GPU fusion is on without CUDA"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(config, "gpu_module_available", lambda name: name == "transformer_engine")
+    assert config.gpu_fusions() == {"bias_activation_fusion": True, "bias_dropout_fusion": True,
+                                    "apply_rope_fusion": True, "masked_softmax_fusion": False}

@@ -27,7 +27,11 @@ def _stand_in_kernels() -> types.ModuleType:
 
 
 def _steps(policy: str, fused_vocab: bool, fusion: bool) -> dict[str, torch.Tensor]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.tensor_parallel import layers
 
     from megatron_adapt.model.build import build_llama
