@@ -8,7 +8,9 @@
 #    megatron-adapt with its test extras, and where installable TransformerEngine, Liger-Kernel and
 #    Apple's cut-cross-entropy (each optional; what is missing is said). PYTHON=/path/to/python with
 #    SETUP=0 uses an existing environment instead (torch with CUDA, megatron-core and the test
-#    packages already there), only building this package in place, with no download.
+#    packages already there), only building this package in place, with no download; SETUP=wheels
+#    first installs the wheels in .whl/ (no index, no dependencies), for a machine with no network
+#    whose image lacks megatron-core: `bash launch/gpu_wheels.sh` fills .whl/ on a machine with one.
 # 2. the GPU tests (pytest -m gpu): Triton kernels vs references, fused model vs megatron-core's
 #    layers, short stage-1 and stage-2 runs with a resume;
 # 3. the kernel benchmark: fused linear+CE vs unfused (and Liger) at H=4096, V=48000, bf16;
@@ -16,17 +18,19 @@
 #    TFLOP/s, MFU).
 # Everything lands in RESULTS_DIR, with gpu_check.json summing it up. Without a GPU it says so
 # and exits 0 having run nothing. PARTS="tests kernels throughput" (the default) picks the parts
-# of 2–4 to run, e.g. PARTS=throughput to re-measure after a change.
+# of 2–4 to run, e.g. PARTS=throughput to re-measure after a change. DRY_RUN=1 does the set-up and
+# writes gpu_check.json with every part skipped by name, GPU or not (the CPU tests run it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/gpu_check-$(hostname)}
 
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+DRY_RUN=${DRY_RUN:-0}
+if [ "$DRY_RUN" != 1 ] && { ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; }; then
     echo "gpu_check: no NVIDIA GPU on this machine (nvidia-smi finds none); nothing was run."
     exit 0
 fi
 mkdir -p "$OUT"
-nvidia-smi -L | tee "$OUT/gpus.txt"
+[ "$DRY_RUN" = 1 ] || nvidia-smi -L | tee "$OUT/gpus.txt"
 
 if [ "${SETUP:-1}" = 1 ]; then
     PYTHON_BASE=${PYTHON:-python3}
@@ -44,11 +48,19 @@ if [ "${SETUP:-1}" = 1 ]; then
     done
 else  # the environment as it is (no downloads: machines without a registry); build this package in place
     PYTHON=${PYTHON:-python3}
-    $PYTHON -m pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_check: could not build megatron-adapt"; exit 1; }
+    if [ "${SETUP}" = wheels ]; then
+        WHEELS=${WHEELS:-.whl}
+        ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "gpu_check: SETUP=wheels but $WHEELS has no wheels (launch/gpu_wheels.sh)"; exit 1; }
+        $PYTHON -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || { echo "gpu_check: could not install $WHEELS"; exit 1; }
+    fi
+    if [ "${REBUILD:-0}" = 1 ] || ! $PYTHON -c "import megatron_adapt._native" 2>/dev/null; then
+        $PYTHON -m pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_check: could not build megatron-adapt"; exit 1; }
+    fi
 fi
 $PYTHON - <<'EOF' | tee "$OUT/environment.txt"
 import importlib, torch
-print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPUs", torch.cuda.device_count(), torch.cuda.get_device_name())
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPUs", torch.cuda.device_count(), gpu)
 for name in ("megatron.core", "transformer_engine", "apex", "triton", "liger_kernel", "cut_cross_entropy"):
     try:
         module = importlib.import_module(name)
@@ -60,6 +72,12 @@ EOF
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1 WANDB_MODE=disabled
 PARTS=" ${PARTS:-tests kernels throughput} "
 TESTS=-1 KERNELS=-1 THROUGHPUT=-1  # -1: not run
+SKIPPED=()
+if [ "$DRY_RUN" = 1 ]; then
+    for part in $PARTS; do SKIPPED+=("$part"); done
+    PARTS=" "
+    echo "gpu_check: dry run; set-up done, skipped: ${SKIPPED[*]}"
+fi
 if [[ $PARTS == *" tests "* ]]; then
     $PYTHON -m pytest -m gpu tests/gpu -q -rA --junitxml "$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
     TESTS=${PIPESTATUS[0]}
@@ -74,15 +92,16 @@ if [[ $PARTS == *" throughput "* ]]; then
     THROUGHPUT=${PIPESTATUS[0]}
 fi
 
-$PYTHON - "$OUT" "$TESTS" "$KERNELS" "$THROUGHPUT" <<'EOF'
+$PYTHON - "$OUT" "$TESTS" "$KERNELS" "$THROUGHPUT" "${SKIPPED[*]:-}" <<'EOF'
 import json, sys, pathlib, torch
-out, tests, kernels, throughput = pathlib.Path(sys.argv[1]), *map(int, sys.argv[2:])
+out, (tests, kernels, throughput), skipped = pathlib.Path(sys.argv[1]), map(int, sys.argv[2:5]), sys.argv[5].split()
 def load(name):
     path = out / name
     return json.loads(path.read_text()) if path.exists() else None
 def code(value):
     return None if value < 0 else value  # None: that part was not run (PARTS)
-summary = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+summary = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+           "gpus": torch.cuda.device_count(), "torch": torch.__version__, "dry_run_skipped": skipped,
            "tests_exit_code": code(tests), "kernel_benchmark_exit_code": code(kernels),
            "throughput_exit_code": code(throughput),
            "linear_cross_entropy": load("linear_cross_entropy.json"), "throughput": load("throughput.json")}
