@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from megatron_adapt import _native
+from megatron_adapt.kernels.main_grad import rows_gradient
 
 
 def vocab_embedding_reference(ids: torch.Tensor, table: torch.Tensor, trainable: torch.Tensor, start: int,
@@ -82,12 +83,12 @@ _register_triton()
 def _setup_context(ctx, inputs, output) -> None:
     ids, table, trainable, start, t0 = inputs
     ctx.save_for_backward(ids)
-    ctx.start, ctx.t0, ctx.rows, ctx.dtype = start, t0, trainable.shape[0], trainable.dtype
+    ctx.start, ctx.t0, ctx.rows, ctx.trainable = start, t0, trainable.shape[0], trainable
 
 
 def _backward(ctx, grad_out: torch.Tensor):
     (ids,) = ctx.saved_tensors
-    grad = vocab_embedding_backward(ids, grad_out, ctx.start, ctx.t0, ctx.rows).to(ctx.dtype)
+    grad = rows_gradient(ctx.trainable, vocab_embedding_backward(ids, grad_out, ctx.start, ctx.t0, ctx.rows))
     return None, None, grad, None, None
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_adapt import _native
+from megatron_adapt.kernels.main_grad import rows_gradient
 
 IGNORED = torch.iinfo(torch.int64).min  # a local label no slice owns and no real label maps to
 CHUNKS = 16  # a chunk's logits are 1/16 of the whole: 2-3% of the unfused path's working memory
@@ -168,7 +169,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 _add_product(grad_rows[:t1 - t0], logits[:, t0:t1].T, h)
         ctx.gradients = grad_hidden, grad_rows  # intermediates, not inputs: kept on ctx so backward can drop them
         ctx.reduce_group = group if reduce_hidden_grad and group is not None and dist.get_world_size(group) > 1 else None
-        ctx.dtype = weight.dtype
+        ctx.dtype, ctx.trainable = weight.dtype, trainable
         ctx.mark_non_differentiable(losses)
         return (losses * scale).sum(), losses
 
@@ -184,7 +185,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if ctx.reduce_group is not None:
                 dist.all_reduce(grad_hidden, group=ctx.reduce_group)
         if grad_rows is not None:
-            grad_rows = grad_rows.mul_(grad_sum).to(ctx.dtype)
+            grad_rows = rows_gradient(ctx.trainable, grad_rows.mul_(grad_sum))
         return (grad_hidden, grad_rows) + (None,) * 11
 
 
