@@ -19,7 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+"""model_type → HF class of the families built with LLaMA's layout (Mistral without a sliding
+window is a LLaMA: the same tensors, the same computation)."""
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
 
 # megatron-core implements Llama-3 RoPE scaling with these constants only.
 _MCORE_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -53,6 +56,8 @@ class LlamaArchitecture:
     torch_dtype: str = "float32"
     tie_word_embeddings: bool = False
     """One table for input embedding and output layer (small models: SmolLM2, LLaMA-3.2 1B/3B)."""
+    model_type: str = "llama"
+    """The HF family (``FAMILIES``), kept so that an export is the family it came from."""
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -114,7 +119,7 @@ class LlamaArchitecture:
         elif self.rope_scaling == "llama3":
             rope.update(rope_type="llama3", factor=self.rope_scaling_factor, **_MCORE_LLAMA3_SCALING)
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "architectures": [FAMILIES[self.model_type]], "model_type": self.model_type,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_attention_heads,
@@ -181,10 +186,15 @@ def gpu_fusions() -> dict[str, bool]:
 
 def _from_hf_dict(cfg: dict[str, Any], source: str) -> LlamaArchitecture:
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llama" or any(a not in SUPPORTED_ARCHITECTURES for a in archs):
+    family = cfg.get("model_type")
+    if family not in FAMILIES or any(a != FAMILIES[family] for a in archs):
         raise UnsupportedConfigError(
-            f"{source}: model_type={cfg.get('model_type')!r}, architectures={archs}; "
-            f"only {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama') is supported")
+            f"{source}: model_type={family!r}, architectures={archs}; supported: "
+            + ", ".join(f"{cls} (model_type {name!r})" for name, cls in FAMILIES.items()))
+    if family == "mistral" and cfg.get("sliding_window") is not None:
+        raise UnsupportedConfigError(
+            f"{source}: field sliding_window={cfg['sliding_window']!r} is not supported: megatron-core's "
+            "attention here is full causal (Mistral configs with sliding_window null build as LLaMA)")
     refusals = {
         "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
         "attention_bias": (bool(cfg.get("attention_bias", False)), False),
@@ -223,7 +233,7 @@ def _from_hf_dict(cfg: dict[str, Any], source: str) -> LlamaArchitecture:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), model_type=family,
         )
     except KeyError as missing:
         raise UnsupportedConfigError(f"{source}: required field {missing.args[0]} is missing") from None

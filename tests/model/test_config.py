@@ -31,7 +31,7 @@ def test_roundtrip_through_hf_config():
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("model_type", "mistral", "model_type='mistral'"),
+    ("model_type", "qwen2", "model_type='qwen2'"),
     ("architectures", ["GPT2LMHeadModel"], "GPT2LMHeadModel"),
     ("hidden_act", "gelu", "hidden_act='gelu'"),
     ("attention_bias", True, "attention_bias=True"),
@@ -70,3 +70,21 @@ def test_gpu_fusions_follow_what_the_machine_has(monkeypatch):
     monkeypatch.setattr(config, "gpu_module_available", lambda name: name == "transformer_engine")
     assert config.gpu_fusions() == {"bias_activation_fusion": True, "bias_dropout_fusion": True,
                                     "apply_rope_fusion": True, "masked_softmax_fusion": False}
+
+
+def test_mistral_without_sliding_window_builds_as_llama_and_stays_mistral():
+    mistral = dict(LLAMA2_7B, architectures=["MistralForCausalLM"], model_type="mistral", num_key_value_heads=8,
+                   rope_theta=1e6, sliding_window=None, head_dim=None)
+    arch = LlamaArchitecture.from_hf_config(mistral)
+    assert (arch.model_type, arch.head_dim, arch.rope_theta) == ("mistral", 128, 1e6)
+    config = arch.to_hf_config()
+    assert (config["model_type"], config["architectures"]) == ("mistral", ["MistralForCausalLM"])
+    assert LlamaArchitecture.from_hf_config(config) == arch
+
+
+def test_mistral_sliding_window_is_refused_by_name(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(LLAMA2_7B, architectures=["MistralForCausalLM"], model_type="mistral",
+                                    sliding_window=4096)))
+    with pytest.raises(UnsupportedConfigError, match="sliding_window=4096"):
+        LlamaArchitecture.from_hf_config(path)

@@ -30,11 +30,26 @@ def hf_reference(tmp_path_factory):
     """A random tiny LLaMA saved in HF format, with its logits, loss and gradients on fixed tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                          max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0)
-    model = LlamaForCausalLM(config).float()
+    return build_reference(LlamaForCausalLM, config, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def mistral_reference(tmp_path_factory):
+    """A random tiny Mistral (no sliding window, Mistral's RoPE base) the same way."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5,
+                           rope_theta=1e6, sliding_window=None)
+    return build_reference(MistralForCausalLM, config, tmp_path_factory)
+
+
+def build_reference(model_class, config, tmp_path_factory) -> dict:
+    torch.manual_seed(0)
+    model = model_class(config).float()
     with torch.no_grad():  # HF zero-inits nothing here, but make norms non-trivial too
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -113,3 +128,23 @@ def test_megatron_matches_hf(hf_reference, tmp_path, tp, pp):
     assert set(saved) == set(ref["weights"]), "saved checkpoint lacks or adds tensors"
     for name, tensor in ref["weights"].items():
         assert torch.equal(saved[name], tensor), f"HF→megatron→HF changed {name}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,pp", [LAYOUTS[1], LAYOUTS[2]])
+def test_mistral_matches_hf_and_exports_as_mistral(mistral_reference, tmp_path, tp, pp):
+    """MistralForCausalLM without a sliding window: HF's logits at TP=2 and PP=2, exported bit-exactly
+    and as a Mistral (model_type and architectures kept)."""
+    import json
+
+    ref = mistral_reference
+    results = run_ranks(_rank_forward_backward_roundtrip, ref["dir"], ref["tokens"], ref["labels"],
+                        str(tmp_path / "out"), tp=tp, pp=pp)
+    for r in (r for r in results if r["logits"] is not None):
+        diff = (r["logits"] - ref["logits"]).abs().max().item()
+        assert diff <= 1e-4, f"Mistral TP={tp} PP={pp}: logits differ from HF by {diff:.3e}"
+    saved = load_file_all(tmp_path / "out")
+    assert set(saved) == set(ref["weights"]) and all(torch.equal(saved[n], t) for n, t in ref["weights"].items()), \
+        "HF → megatron → HF changed a Mistral tensor"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("mistral", ["MistralForCausalLM"])
