@@ -19,28 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from megatron_adapt import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 INITS = ("subword-mean", "mean", "multivariate-normal")
 
 
-def run(*cmd: str, log: Path | None = None) -> None:
-    print("+", " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", WANDB_MODE="disabled")
-    with open(log, "w") if log else open(os.devnull, "w") as out:
-        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if code:
-        sys.exit(f"failed ({code}): {' '.join(cmd)}" + (f"; log: {log}" if log else ""))
-
-
-def tool(name: str, *args: str, log: Path | None = None) -> None:
-    run(sys.executable, str(ROOT / "tools" / name), *args, log=log)
+def run(work: Path, *steps: recipe.Step) -> None:
+    """The recipe's own commands (megatron_adapt/recipe.py), with $WORK = work and $BASE_MODEL = the
+    base HF model; each step's log in work/logs/."""
+    os.environ.update(PYTHONWARNINGS="ignore", WANDB_MODE="disabled")
+    try:
+        recipe.run(list(steps), ROOT, work, work / "base", log_dir=work / "logs" / steps[0].title.split(":")[0][:40],
+                   on_start=lambda _, step: print("+", step.title, flush=True))
+    except RuntimeError as err:
+        sys.exit(str(err))
 
 
 def training_paragraphs(corpus: Path, out: Path, max_bytes: int, lang: str | None) -> None:
@@ -64,9 +63,9 @@ def evaluate(model: Path, work: Path, name: str, docs: int) -> dict:
     out = work / "eval" / f"{name}.json"
     if not out.exists():
         out.parent.mkdir(exist_ok=True)
-        tool("evaluate.py", "--model", str(model), "--data", f"vi={ROOT / 'configs/lm_eval/heldout_vi.jsonl'}",
-             "--data", f"en={ROOT / 'configs/lm_eval/heldout_en.jsonl'}", "--max-docs", str(docs),
-             "--output", str(out))
+        run(work, recipe.evaluate_step([str(model)], (f"vi={ROOT / 'configs/lm_eval/heldout_vi.jsonl'}",
+                                                      f"en={ROOT / 'configs/lm_eval/heldout_en.jsonl'}"),
+                                       str(out), docs))
     (scores,) = json.loads(out.read_text())["models"].values()
     return scores
 
@@ -110,41 +109,43 @@ def train(work: Path, stage: int, args, init_from: Path, name: str | None = None
     if (work / name / "done").exists():
         return
     config = stage_config(work, stage, args, init_from, name, changes)
-    run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "megatron_adapt.pretrain",
-        "--config", str(config), log=work / f"{name}.log")
+    run(work, recipe.train_step(name, (*recipe.TORCHRUN, "1", "-m", "megatron_adapt.pretrain", "--config"),
+                                str(config), str(work / name)))
 
 
 def export(work: Path, checkpoint: Path, name: str) -> Path:
     out = work / "hf" / name
     if not (out / "config.json").exists():
-        tool("convert_checkpoint.py", "megatron-to-hf", "--checkpoint", str(checkpoint), "--tokenizer-dir",
-             str(work / "tokenizer"), "--output", str(out), "--dtype", "fp32")
+        run(work, recipe.export_step(f"export {name}", str(checkpoint), str(out), "fp32", "--tokenizer-dir",
+                                     str(work / "tokenizer")))
     return out
 
 
 def prepare(work: Path, args) -> None:
     if not (work / "base" / "config.json").exists():
-        tool("convert_checkpoint.py", "gguf-to-hf", "--gguf", str(args.gguf), "--output", str(work / "base"))
+        run(work, recipe.Step("the GGUF as an HF model", recipe.tool("convert_checkpoint", "gguf-to-hf", "--gguf",
+                                                                      str(args.gguf), "--output", "$BASE_MODEL")))
     if not (work / "tokenizer" / "report.json").exists():
-        tool("extend_tokenizer.py", "--base-model", str(work / "base"), "--corpus", str(SHARED / "vi/viwiki_undertheseanlp.jsonl.xz"),
-             "--english", str(SHARED / "en/gutenberg_classics.jsonl.xz"), "--num-new-tokens", str(args.new_tokens),
-             "--lang", "vi", "--output-dir", str(work / "tokenizer"), "--overwrite")
+        run(work, recipe.extend_step("$BASE_MODEL", str(SHARED / "vi/viwiki_undertheseanlp.jsonl.xz"),
+                                     str(SHARED / "en/gutenberg_classics.jsonl.xz"), args.new_tokens, "vi",
+                                     "$WORK/tokenizer"))
     data = work / "data"
     data.mkdir(exist_ok=True)
     for lang, corpus, mb in (("vi", SHARED / "vi/viwiki_undertheseanlp.jsonl.xz", args.vi_mb),
                              ("en", SHARED / "en/gutenberg_classics.jsonl.xz", args.en_mb)):
         if not Path(f"{data / lang}.stats.json").exists():
             training_paragraphs(corpus, data / f"{lang}.jsonl", int(mb * 1e6), lang if lang == "vi" else None)
-            tool("preprocess_data.py", "--input", str(data / f"{lang}.jsonl"), "--tokenizer-model", str(work / "tokenizer"),
-                 "--output-prefix", str(data / lang), "--append-eod")
+            run(work, recipe.preprocess_step(f"preprocess {lang}", ("--input", str(data / f"{lang}.jsonl")),
+                                             "$WORK/tokenizer", f"$WORK/data/{lang}", "--append-eod"))
     for stage, weights in ((1, args.stage1_blend), (2, args.stage2_blend)):
-        vi, en = weights.split(":")
-        tool("make_blend.py", "--group", f"vi={vi}:{data / 'vi'}", "--group", f"en={en}:{data / 'en'}",
-             "--output", str(data / f"stage{stage}.json"))
+        vi, en = map(float, weights.split(":"))
+        run(work, recipe.blend_step({"vi": (vi, "$WORK/data/vi"), "en": (en, "$WORK/data/en")},
+                                    f"$WORK/data/stage{stage}.json"))
     for init in INITS:
         if not (work / f"start-{init}" / "latest").exists():
-            tool("convert_checkpoint.py", "hf-to-megatron", "--hf-dir", str(work / "base"), "--tokenizer-dir",
-                 str(work / "tokenizer"), "--init", init, "--output", str(work / f"start-{init}"))
+            run(work, recipe.Step(f"hf-to-megatron, {init}", recipe.tool(
+                "convert_checkpoint", "hf-to-megatron", "--hf-dir", "$BASE_MODEL", "--tokenizer-dir", "$WORK/tokenizer",
+                "--init", init, "--output", f"$WORK/start-{init}")))
 
 
 def curves(work: Path, out: Path) -> None:
