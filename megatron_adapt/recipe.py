@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 TORCHRUN = ("torchrun", "--nproc-per-node")
 

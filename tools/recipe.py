@@ -27,7 +27,7 @@ def quickstart(work: Path) -> int:
     for stale in ("data", "stage1", "stage2", "sft", "logs"):  # a rerun starts the runs afresh
         shutil.rmtree(work / stale, ignore_errors=True)
 
-    def report(index: int, step: recipe.Step, output: str) -> None:
+    def report(_: int, step: recipe.Step, output: str) -> None:
         if output.strip():
             print(output.rstrip())
         if step.trains:

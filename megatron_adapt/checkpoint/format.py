@@ -41,6 +41,8 @@ WEIGHTS_HF = "model"
 """Subdirectory of a start checkpoint: HF-layout safetensors shards."""
 
 OptimizerKind = Literal["distributed", "replicated"]
+OptimizerFormat = Literal["dp_reshardable", "fully_reshardable"]
+"""How the distributed optimizer's state is saved (megatron-core's ``distrib_optim_sharding_type``)."""
 WeightsKind = Literal["dist", "hf"]
 """How a checkpoint holds its weights: megatron-core distributed (training) or HF shards (a converted start)."""
 
@@ -59,7 +61,7 @@ class CheckpointMeta:
     and "rng"."""
     optimizer: OptimizerKind | None = None
     """'distributed' (state sharded over DP) or 'replicated': their states do not mix."""
-    optimizer_format: str = "fully_reshardable"
+    optimizer_format: OptimizerFormat = "fully_reshardable"
     """The distributed optimizer's state layout (``checkpoint.optimizer_format``); checkpoints from
     before it was recorded are fully reshardable."""
     scheduler: dict[str, Any] | None = None

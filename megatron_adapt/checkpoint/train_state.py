@@ -35,6 +35,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_adapt.checkpoint.format import (
     WEIGHTS_DIST,
     CheckpointMeta,
+    OptimizerFormat,
     OptimizerKind,
     commit,
     in_adapter_checkpoint,
@@ -79,8 +80,6 @@ def _rng_object() -> ShardedObject:
     return ShardedObject("rng_state", rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-OptimizerFormat = str
-"""megatron-core's ``distrib_optim_sharding_type``: 'dp_reshardable' or 'fully_reshardable'."""
 
 
 def _model_state(module, adapters_only: bool) -> dict[str, Any]:

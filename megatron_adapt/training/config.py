@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_adapt.checkpoint.format import OptimizerFormat
 from megatron_adapt.model.freeze import FreezePolicy
 from megatron_adapt.model.lora import LoraConfig
 from megatron_adapt.model.resize import InitMethod
@@ -143,7 +144,7 @@ class CheckpointConfig:
     save_interval: int = 500
     keep: int = 3
     """Complete checkpoints kept (older ones are deleted after a newer one is complete)."""
-    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    optimizer_format: OptimizerFormat = "dp_reshardable"
     """How the distributed optimizer saves its state (Megatron-LM's default and
     --dist-ckpt-optim-fully-reshardable): 'dp_reshardable' writes each rank's own shard, nothing
     gathered, and resumes at another DP size only; 'fully_reshardable' gathers every DP rank's
