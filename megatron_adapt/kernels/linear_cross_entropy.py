@@ -9,8 +9,14 @@ only the added vocabulary). The [N, V] logits are never built: the tokens are ta
 2. ``lce_chunk_stats`` reduces them to per-token max, sum of exponentials and label logit, which
    are merged across the TP group into the log-sum-exp (max, then the rescaled sums);
 3. ``lce_chunk_gradient_`` turns the logits into their gradient in place (softmax − one-hot,
-   times the token's weight and the z-loss factor), and two more matrix products give the chunk's
-   hidden-state gradient and add its share to the gradient of the trainable rows only.
+   times the token's weight and the z-loss factor), and a matrix product gives the chunk's
+   hidden-state gradient.
+
+The trainable rows' gradient is a float32 accumulator the size of those rows, read and written
+whole by every product that adds to it; with one product per chunk of a few hundred tokens that
+traffic, not the arithmetic, would bound it on a GPU. Consecutive chunks' logit gradients (the
+trainable columns only) are therefore staged until ``WEIGHT_GRADIENT_TOKENS`` tokens are ready,
+and added in one product (an extra buffer of at most that many tokens × the trainable columns).
 
 The gradients are thus computed during the forward pass (as Liger-Kernel does), which is why the
 op returns the weighted sum of the token losses: its gradient is one number, by which backward
@@ -36,7 +42,10 @@ from megatron_adapt.kernels.main_grad import rows_gradient
 
 IGNORED = torch.iinfo(torch.int64).min  # a local label no slice owns and no real label maps to
 CHUNKS = 16  # a chunk's logits are 1/16 of the whole: 2-3% of the unfused path's working memory
-MIN_CHUNK_TOKENS = 128  # smaller chunks make thin matrix products and re-read the weight gradient more often
+MIN_CHUNK_TOKENS = 128  # smaller chunks make thin matrix products
+# Tokens per product into the fp32 weight gradient: it does 2·K flops per 8 bytes of accumulator
+# traffic, so K ≳ 1000 keeps an H100's bf16 GEMM compute-bound.
+WEIGHT_GRADIENT_TOKENS = 2048
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -137,6 +146,38 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.addmm_(a.to(out.dtype), b.to(out.dtype))
 
 
+class _StagedRowsGradient:
+    """``grad_rows[:columns] += logit_gradient.T @ hidden`` over consecutive chunks of tokens, in
+    products of about ``WEIGHT_GRADIENT_TOKENS`` tokens. Chunks smaller than that have their logit
+    gradients copied into a staging buffer; their hidden states are consecutive rows of ``hidden``
+    already. Larger chunks go straight to the product."""
+
+    def __init__(self, grad_rows: torch.Tensor, columns: int, hidden: torch.Tensor, chunk: int):
+        self.out, self.hidden, self.columns = grad_rows[:columns], hidden, columns
+        tokens = min(hidden.shape[0], WEIGHT_GRADIENT_TOKENS)
+        self.staged = hidden.new_empty((tokens, columns)) if columns and chunk < tokens else None
+        self.start = self.filled = 0
+
+    def add(self, first_token: int, logit_grad: torch.Tensor) -> None:
+        n = logit_grad.shape[0]
+        if not self.columns:
+            return
+        if self.staged is None:
+            _add_product(self.out, logit_grad.T, self.hidden[first_token:first_token + n])
+            return
+        if self.filled + n > self.staged.shape[0]:
+            self.flush()
+        if not self.filled:
+            self.start = first_token
+        self.staged[self.filled:self.filled + n] = logit_grad
+        self.filled += n
+
+    def flush(self) -> None:
+        if self.filled:
+            _add_product(self.out, self.staged[:self.filled].T, self.hidden[self.start:self.start + self.filled])
+            self.filled = 0
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, trainable, weight, labels, token_weights, vocab_start, true_vocab_size, span,
@@ -153,6 +194,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_rows = hidden.new_zeros((span[1] - span[0], hidden.shape[1]), dtype=torch.float32) if want_rows else None
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         buffer = hidden.new_empty((min(n, chunk), valid))  # one chunk's logits, reused: the op's working memory
+        staged = _StagedRowsGradient(grad_rows, t1 - t0, hidden, chunk) if want_rows else None
         for c0 in range(0, n, chunk):
             tokens = slice(c0, min(n, c0 + chunk))
             h = hidden[tokens]
@@ -165,8 +207,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk_gradient_(logits, local_labels[tokens], lse, s * (1 + 2 * z_loss * lse), s)
             if want_hidden:
                 torch.mm(logits, rows, out=grad_hidden[tokens])
-            if want_rows and t1 > t0:
-                _add_product(grad_rows[:t1 - t0], logits[:, t0:t1].T, h)
+            if staged is not None:
+                staged.add(c0, logits[:, t0:t1])
+        if staged is not None:
+            staged.flush()
         ctx.gradients = grad_hidden, grad_rows  # intermediates, not inputs: kept on ctx so backward can drop them
         ctx.reduce_group = group if reduce_hidden_grad and group is not None and dist.get_world_size(group) > 1 else None
         ctx.dtype, ctx.trainable = weight.dtype, trainable

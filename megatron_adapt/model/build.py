@@ -50,7 +50,8 @@ UNFUSED_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"
 def layer_spec(config, use_transformer_engine: bool | None = None,
                per_document_attention: bool = False, lora: LoraConfig | None = None) -> TransformerBlockSubmodules:
     """This pipeline stage's transformer block: TE's fused layers when importable, megatron-core's
-    local (torch) layers with ``RMSNorm`` otherwise (and ``ContextParallelAttention`` under CP).
+    local (torch) layers with ``RMSNorm`` otherwise (and ``ContextParallelAttention`` under CP);
+    with the config's ``qk_layernorm`` (Qwen3), per-head norms of q and k of the same kind.
 
     With ``per_document_attention`` self-attention takes the mask it is given (``arbitrary``);
     a causal layer may ignore it (TE's and the fused softmax's causal kernels do). With ``lora``
@@ -61,7 +62,7 @@ def layer_spec(config, use_transformer_engine: bool | None = None,
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         log.info("layer spec: TransformerEngine")
-        spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
+        spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm))
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
         final_norm = TENorm
         if lora:
@@ -74,8 +75,11 @@ def layer_spec(config, use_transformer_engine: bool | None = None,
                                                                **UNFUSED_NORM_KEYS)
     else:
         log.info("layer spec: megatron-core local (TransformerEngine not available)")
-        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm))
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = final_norm = RMSNorm
+        if config.qk_layernorm:
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
         if config.context_parallel_size > 1:
             spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     if per_document_attention:

@@ -1,9 +1,11 @@
-"""The LLaMA architecture as read from a Hugging Face ``config.json``.
+"""The LLaMA-family architecture as read from a Hugging Face ``config.json``.
 
 One dataclass carries everything megatron-core needs to build the model and everything the
-weight mapping needs to lay tensors out. Reading it refuses configs that would silently build a
-different network (biases, other activations, unknown RoPE scaling), because a
-model that loads without error but computes something else loses days, not seconds.
+weight mapping needs to lay tensors out. The families differ from LLaMA in a few named traits
+(``Family``: biases on q/k/v, per-head norms of q and k), each of which megatron-core has. Reading
+refuses configs that would silently build a different network (other biases, activations,
+sliding windows, unknown RoPE scaling), because a model that loads without error but computes
+something else loses days, not seconds.
 """
 
 from __future__ import annotations
@@ -19,10 +21,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-"""model_type → HF class of the families built with LLaMA's layout (Mistral without a sliding
-window is a LLaMA: the same tensors, the same computation)."""
-SUPPORTED_ARCHITECTURES = tuple(FAMILIES.values())
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What an HF family adds to LLaMA's decoder."""
+
+    hf_class: str
+    qkv_bias: bool = False
+    """Biases on q_proj, k_proj and v_proj (none on o_proj or the MLP): megatron-core's ``add_qkv_bias``."""
+    qk_norm: bool = False
+    """An RMSNorm over each head of q and of k before RoPE (one weight [head_dim] each, shared by
+    the heads): megatron-core's ``qk_layernorm``."""
+
+
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM"),
+    "mistral": Family("MistralForCausalLM"),  # without a sliding window: a LLaMA
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True),  # Qwen2 and Qwen2.5
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True),
+}
+"""model_type → its traits; every other model_type is refused."""
+SUPPORTED_ARCHITECTURES = tuple(f.hf_class for f in FAMILIES.values())
 
 # megatron-core implements Llama-3 RoPE scaling with these constants only.
 _MCORE_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -68,6 +86,18 @@ class LlamaArchitecture:
             raise UnsupportedConfigError(f"rope_scaling type {self.rope_scaling!r} is not supported")
 
     @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family.qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family.qk_norm
+
+    @property
     def q_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
@@ -93,7 +123,7 @@ class LlamaArchitecture:
         h, f, layers = self.hidden_size, self.intermediate_size, self.num_layers
         attention = h * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
         params = layers * (attention + 3 * h * f) + self.vocab_size * h
-        return 6 * params + 12 * layers * h * seq_length
+        return 6 * params + 12 * layers * h * seq_length  # biases and norms: negligible
 
     def with_vocab_size(self, vocab_size: int) -> "LlamaArchitecture":
         return dataclasses.replace(self, vocab_size=vocab_size)
@@ -118,8 +148,8 @@ class LlamaArchitecture:
             rope.update(rope_type="linear", factor=self.rope_scaling_factor)
         elif self.rope_scaling == "llama3":
             rope.update(rope_type="llama3", factor=self.rope_scaling_factor, **_MCORE_LLAMA3_SCALING)
-        return {
-            "architectures": [FAMILIES[self.model_type]], "model_type": self.model_type,
+        config = {
+            "architectures": [self.family.hf_class], "model_type": self.model_type,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_attention_heads,
@@ -132,12 +162,20 @@ class LlamaArchitecture:
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "torch_dtype": self.torch_dtype, "dtype": self.torch_dtype,
         }
+        if self.model_type == "mistral":
+            config["sliding_window"] = None
+        if self.model_type in ("qwen2", "qwen3"):
+            config.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers)
+        if self.model_type == "qwen2":
+            del config["attention_bias"]  # Qwen2's q/k/v biases are not a config field
+        return config
 
     # --- megatron-core ---------------------------------------------------------------------------
 
     def transformer_config(self, tp_size: int = 1, pp_size: int = 1,
                            params_dtype: torch.dtype = torch.float32, **overrides: Any):
-        """megatron-core TransformerConfig for this architecture (no dropout, no biases)."""
+        """megatron-core TransformerConfig for this architecture (no dropout; biases on q/k/v only
+        where the family has them)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         self.check_parallel_layout(tp_size, pp_size)
@@ -148,7 +186,7 @@ class LlamaArchitecture:
             num_query_groups=self.num_key_value_heads, kv_channels=self.head_dim,
             normalization="RMSNorm", layernorm_epsilon=self.rms_norm_eps,
             gated_linear_unit=True, activation_func=F.silu,
-            add_bias_linear=False, add_qkv_bias=False,
+            add_bias_linear=False, add_qkv_bias=self.qkv_bias, qk_layernorm=self.qk_norm,
             hidden_dropout=0.0, attention_dropout=0.0,
             persist_layer_norm=False, gradient_accumulation_fusion=False, **gpu_fusions(),
             tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
@@ -184,26 +222,40 @@ def gpu_fusions() -> dict[str, bool]:
             "masked_softmax_fusion": gpu_module_available("scaled_upper_triang_masked_softmax_cuda")}
 
 
+def _refuse_sliding_windows(cfg: dict[str, Any], family: str, source: str) -> None:
+    """megatron-core's attention here is full causal: a model that attends through a window must
+    not build as one that does not. Mistral's window is on when set; Qwen's only with
+    ``use_sliding_window`` (its ``sliding_window`` is then a size nobody uses)."""
+    why = ("megatron-core's attention here is full causal; configs build only without a window "
+           "(Mistral: sliding_window null; Qwen: use_sliding_window false)")
+    if family == "mistral" and cfg.get("sliding_window") is not None:
+        raise UnsupportedConfigError(f"{source}: field sliding_window={cfg['sliding_window']!r} is not supported: {why}")
+    if family in ("qwen2", "qwen3"):
+        if cfg.get("use_sliding_window"):
+            raise UnsupportedConfigError(f"{source}: field use_sliding_window=True is not supported: {why}")
+        windowed = [t for t in cfg.get("layer_types") or [] if t != "full_attention"]
+        if windowed:
+            raise UnsupportedConfigError(f"{source}: field layer_types has {windowed[0]!r} layers: {why}")
+
+
 def _from_hf_dict(cfg: dict[str, Any], source: str) -> LlamaArchitecture:
     archs = cfg.get("architectures") or []
     family = cfg.get("model_type")
-    if family not in FAMILIES or any(a != FAMILIES[family] for a in archs):
+    if family not in FAMILIES or any(a != FAMILIES[family].hf_class for a in archs):
         raise UnsupportedConfigError(
             f"{source}: model_type={family!r}, architectures={archs}; supported: "
-            + ", ".join(f"{cls} (model_type {name!r})" for name, cls in FAMILIES.items()))
-    if family == "mistral" and cfg.get("sliding_window") is not None:
-        raise UnsupportedConfigError(
-            f"{source}: field sliding_window={cfg['sliding_window']!r} is not supported: megatron-core's "
-            "attention here is full causal (Mistral configs with sliding_window null build as LLaMA)")
+            + ", ".join(f"{f.hf_class} (model_type {name!r})" for name, f in FAMILIES.items()))
+    _refuse_sliding_windows(cfg, family, source)
     refusals = {
         "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (bool(cfg.get("attention_bias", False)), False),
         "mlp_bias": (bool(cfg.get("mlp_bias", False)), False),
     }
+    if family != "qwen2":  # Qwen2 has its q/k/v biases whatever the field says (HF ignores it)
+        refusals["attention_bias"] = (bool(cfg.get("attention_bias", False)), False)
     for field, (value, wanted) in refusals.items():
         if value != wanted:
             raise UnsupportedConfigError(f"{source}: field {field}={value!r} is not supported "
-                                         f"(the LLaMA layout here needs {wanted!r})")
+                                         f"(the {FAMILIES[family].hf_class} layout here needs {wanted!r})")
     heads = int(cfg["num_attention_heads"])
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))

@@ -1,4 +1,4 @@
-"""The one place that knows how Hugging Face LLaMA tensors map onto megatron-core's GPTModel.
+"""The one place that knows how Hugging Face LLaMA-family tensors map onto megatron-core's GPTModel.
 
 Every megatron-core parameter of a rank is described by a rule: which HF tensors it is made of and
 how they are laid out across tensor-parallel ranks. Loading applies a rule forward for this rank's
@@ -7,7 +7,8 @@ and checkpoint conversion build on these two directions instead of knowing the l
 
 megatron-core layouts (per TP rank r of t):
 - linear_qkv: for each KV group g the rows [q heads of g | k_g | v_g]; rank r holds groups
-  r·G/t … (r+1)·G/t − 1 contiguously.
+  r·G/t … (r+1)·G/t − 1 contiguously. Its bias (Qwen2) is laid out the same way.
+- q_layernorm, k_layernorm (Qwen3): one weight [head_dim] each, replicated.
 - linear_fc1: [gate rows of shard r | up rows of shard r] (the GLU splits the output in halves).
 - linear_proj, linear_fc2: column shards (row-parallel linears).
 - LoRA adapters (``model.lora``'s rules), one per HF module as PEFT has them: on a column-parallel linear
@@ -70,6 +71,14 @@ _LAYER_RULES: dict[str, tuple[tuple[str, ...], Layout]] = {
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "columns"),
 } | adapter_layer_rules()
+_QKV_BIAS_RULES: dict[str, tuple[tuple[str, ...], Layout]] = {
+    "self_attention.linear_qkv.bias": (
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"),
+}
+_QK_NORM_RULES: dict[str, tuple[tuple[str, ...], Layout]] = {
+    "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), "replicated"),
+    "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), "replicated"),
+}
 _TOP_RULES: dict[str, Rule] = {
     "embedding.word_embeddings.weight": Rule(("model.embed_tokens.weight",), "vocab_rows"),
     "output_layer.weight": Rule(("lm_head.weight",), "vocab_rows"),
@@ -78,13 +87,19 @@ _TOP_RULES: dict[str, Rule] = {
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
+def layer_rules(arch: LlamaArchitecture) -> dict[str, tuple[tuple[str, ...], Layout]]:
+    """Layer tensor suffix → (HF suffixes, layout), for the family's traits."""
+    return (_LAYER_RULES | (_QKV_BIAS_RULES if arch.qkv_bias else {})
+            | (_QK_NORM_RULES if arch.qk_norm else {}))
+
+
 OUTPUT_COPY = "output_layer.weight"
 """With tied embeddings and PP > 1: the last stage's copy of the embedding table."""
 
 
 def hf_shapes(arch: LlamaArchitecture, lora: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an HF LlamaForCausalLM checkpoint with its shape (and of its PEFT LoRA
-    adapters, ``model.layers.N.<module>.lora_A/B.weight``, with ``lora``)."""
+    """Every tensor of the HF checkpoint (LlamaForCausalLM or a family's) with its shape, and of
+    its PEFT LoRA adapters, ``model.layers.N.<module>.lora_A/B.weight``, with ``lora``."""
     h, hd = arch.hidden_size, arch.head_dim
     shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
     if not arch.tie_word_embeddings:
@@ -101,6 +116,12 @@ def hf_shapes(arch: LlamaArchitecture, lora: LoraConfig | None = None) -> dict[s
             p + "mlp.up_proj.weight": (arch.intermediate_size, h),
             p + "mlp.down_proj.weight": (h, arch.intermediate_size),
         }
+        if arch.qkv_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (arch.num_attention_heads * hd,),
+                       p + "self_attn.k_proj.bias": (arch.num_key_value_heads * hd,),
+                       p + "self_attn.v_proj.bias": (arch.num_key_value_heads * hd,)}
+        if arch.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
         if lora is not None:
             shapes |= adapter_hf_shapes(p, shapes, lora)
     return shapes
@@ -142,6 +163,7 @@ def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable,
     """(megatron name, tensor, gradient getter, rule) for every weight of this rank's model piece."""
     global_layer = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
     tied = model.architecture.tie_word_embeddings
+    by_suffix = layer_rules(model.architecture)
     for name, param, grad in named_weights(model):
         if name == OUTPUT_COPY and tied:
             yield name, param, grad, _TOP_RULES["embedding.word_embeddings.weight"]
@@ -150,9 +172,9 @@ def rules(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable,
             yield name, param, grad, _TOP_RULES[name]
             continue
         match = _LAYER_NAME.match(name)
-        if not match or match.group(2) not in _LAYER_RULES:
+        if not match or match.group(2) not in by_suffix:
             raise KeyError(f"megatron-core parameter {name} has no HF mapping")
-        hf_suffixes, layout = _LAYER_RULES[match.group(2)]
+        hf_suffixes, layout = by_suffix[match.group(2)]
         prefix = f"model.layers.{global_layer[int(match.group(1))]}."
         yield name, param, grad, Rule(tuple(prefix + s for s in hf_suffixes), layout)
 
@@ -170,7 +192,7 @@ def checkpoint_rules(arch: LlamaArchitecture, lora: LoraConfig | None = None) ->
         if not (name == OUTPUT_COPY and arch.tie_word_embeddings):
             yield name, None, rule
     for i in range(arch.num_layers):
-        for suffix, (hf_suffixes, layout) in _LAYER_RULES.items():
+        for suffix, (hf_suffixes, layout) in layer_rules(arch).items():
             if is_adapter_key(suffix) and suffix not in adapter_keys:
                 continue
             yield f"decoder.layers.{suffix}", i, Rule(tuple(f"model.layers.{i}.{s}" for s in hf_suffixes), layout)
@@ -201,10 +223,11 @@ def shard_from_hf(rule: Rule, tensors: list[Tensor], arch: LlamaArchitecture,
 
 
 def _interleave_qkv(q: Tensor, k: Tensor, v: Tensor, arch: LlamaArchitecture) -> Tensor:
-    groups, hd, hidden = arch.num_key_value_heads, arch.head_dim, q.shape[1]
-    q = q.view(groups, arch.q_per_kv * hd, hidden)
-    k, v = k.view(groups, hd, hidden), v.view(groups, hd, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+    """Weights [rows, hidden] or biases [rows] alike."""
+    groups, hd, rest = arch.num_key_value_heads, arch.head_dim, q.shape[1:]
+    q = q.view(groups, arch.q_per_kv * hd, *rest)
+    k, v = k.view(groups, hd, *rest), v.view(groups, hd, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
 # --- TP shards → HF -----------------------------------------------------------------------------
@@ -223,10 +246,10 @@ def hf_from_shards(rule: Rule, shards: list[Tensor], arch: LlamaArchitecture) ->
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
     if rule.layout == "qkv":
-        hd, hidden = arch.head_dim, shards[0].shape[1]
-        full = torch.cat(shards, dim=0).view(arch.num_key_value_heads, -1, hidden)
+        hd, rest = arch.head_dim, shards[0].shape[1:]
+        full = torch.cat(shards, dim=0).view(arch.num_key_value_heads, -1, *rest)
         q, k, v = full.split([arch.q_per_kv * hd, hd, hd], dim=1)
-        return [t.reshape(-1, hidden) for t in (q, k, v)]
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
     raise ValueError(rule.layout)
 
 

@@ -66,6 +66,24 @@ def test_single_rank_matches_reference(span, z_loss, chunk):
     assert (losses[labels == -100] == 0).all(), "ignored tokens must have loss 0"
 
 
+@pytest.mark.parametrize("staged_tokens, products", [(20, 3), (8, 5), (4096, 1)],
+                         ids=["two-chunks-a-product", "chunk-sized", "all-in-one"])
+def test_weight_gradient_is_added_in_few_large_products(monkeypatch, staged_tokens, products):
+    """Chunks of 8 tokens (37 in all) are staged into products of up to ``staged_tokens`` tokens:
+    the fp32 accumulator is read that many times, not once per chunk, and the gradient is unchanged."""
+    from megatron_adapt.kernels import linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "WEIGHT_GRADIENT_TOKENS", staged_tokens)
+    calls = []
+    original = lce._add_product
+    monkeypatch.setattr(lce, "_add_product", lambda out, a, b: (calls.append(b.shape[0]), original(out, a, b))[1])
+    hidden, weight, labels, token_weights = _inputs(1)
+    _, _, ref_dw = _reference(hidden, weight, labels, token_weights, 0.0)
+    *_, dw = _fused(hidden, weight, labels, token_weights, (40, 77), 0.0, chunk=8)
+    assert _rel(dw, ref_dw[40:77]) <= 1e-5, "trainable weight gradient"
+    assert len(calls) == products and sum(calls) == N, f"tokens per weight-gradient product: {calls}"
+
+
 def test_wide_vocabulary_matches_reference():
     """Rows wider than the C++ kernel's 2048-column blocks, with the max moving between blocks,
     logits low enough that exp underflows to 0, and a ragged last chunk."""

@@ -28,17 +28,33 @@ def peft_reference(tmp_path_factory):
     return build_peft_reference(tmp_path_factory)
 
 
-def build_peft_reference(tmp_path_factory) -> dict:
-    """A random tiny LLaMA with PEFT adapters (non-zero B): its base weights saved as an HF
-    directory, its logits, loss and adapter gradients on a fixed batch (fp32, CPU)."""
+@pytest.fixture(scope="module")
+def family_peft_reference(request, tmp_path_factory):
+    return build_peft_reference(tmp_path_factory, request.param)
+
+
+def build_peft_reference(tmp_path_factory, family: str = "llama") -> dict:
+    """A random tiny model (LLaMA; Qwen2 with q/k/v biases and tied embeddings; Qwen3 with q/k
+    norms) with PEFT adapters (non-zero B): its base weights saved as an HF directory, its logits,
+    loss and adapter gradients on a fixed batch (fp32, CPU)."""
+    import transformers
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-    base = LlamaForCausalLM(config).float()
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    if family == "llama":
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    elif family == "qwen2":
+        base = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, tie_word_embeddings=True))
+    else:
+        base = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=16))
+    base = base.float()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith(".bias") or "_norm." in name:
+                p.uniform_(0.5, 1.5)
     directory = tmp_path_factory.mktemp("hf")
     base.save_pretrained(directory)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -105,6 +121,25 @@ def test_lora_matches_peft_at_tp2_pp2(peft_reference, sequence_parallel):
         assert diff <= 1e-4 * max(expected.abs().max().item(), 1e-3), f"grad of {name} differs from PEFT by {diff:.2e}"
     for rank, r in enumerate(results):
         assert not r["base_grads"], f"rank {rank}: base weights got gradients: {r['base_grads'][:3]}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family_peft_reference", ["qwen2", "qwen3"], indirect=True)
+def test_lora_matches_peft_on_qwen(family_peft_reference):
+    """PEFT's module names and computation on Qwen2 (adapters beside the q/k/v biases, tied
+    embeddings) and Qwen3 (adapters before the q/k norms), at TP=2 with sequence parallelism."""
+    ref = family_peft_reference
+    results = run_ranks(_rank_lora_forward_backward, ref["dir"], ref["weights"], ref["tokens"], ref["labels"],
+                        True, tp=2)
+    for r in results:
+        diff = (r["logits"] - ref["logits"]).abs().max().item()
+        assert diff <= 1e-4, f"logits differ from PEFT by {diff:.2e}"
+        assert not r["base_grads"], f"base weights got gradients: {r['base_grads'][:3]}"
+    grads = {k: v for r in results for k, v in r["grads"].items()}
+    assert set(grads) == set(ref["grads"]), f"adapters differ: {sorted(set(grads) ^ set(ref['grads']))[:4]}"
+    for name, expected in ref["grads"].items():
+        diff = (grads[name] - expected).abs().max().item()
+        assert diff <= 1e-4 * max(expected.abs().max().item(), 1e-3), f"grad of {name} differs from PEFT by {diff:.2e}"
 
 
 def _rank_lora_steps(hf_dir: str, tokens) -> dict:

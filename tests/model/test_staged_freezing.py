@@ -29,7 +29,28 @@ def hf_dir(tmp_path_factory) -> str:
     return str(directory)
 
 
-def _rank_train_each_policy(hf_dir: str, tokens: torch.Tensor) -> dict:
+@pytest.fixture(scope="module")
+def family_hf_dir(request, tmp_path_factory) -> str:
+    """Qwen2 (q/k/v biases, tied embeddings) or Qwen3 (q/k norms), biases and norms non-trivial."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    if request.param == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=8, tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.uniform_(0.5, 1.5)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+def _rank_train_each_policy(hf_dir: str, tokens: torch.Tensor, policies: list[str] = POLICIES) -> dict:
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -51,7 +72,7 @@ def _rank_train_each_policy(hf_dir: str, tokens: torch.Tensor) -> dict:
     arch = LlamaArchitecture.from_hf_config(hf_dir)
     batch = dict(tokens=tokens, labels=torch.roll(tokens, -1, 1))
     out = {}
-    for train in POLICIES:
+    for train in policies:
         policy = FreezePolicy(train=train)
         model = build_llama(arch, seq_length=SEQ, first_trainable_row=policy.first_trainable_row(BASE_VOCAB))
         load_hf_checkpoint(model, hf_dir)
@@ -106,6 +127,26 @@ def test_each_policy_trains_what_it_names_at_its_lr(hf_dir):
                             for params, _ in r["groups"])
         assert sorted(r["final_lrs"]) == pytest.approx(want_final), f"train={train}: final LRs {r['final_lrs']}"
     assert len(results["all"]["groups"]) >= 2, "expected a vocabulary group beside the rest"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family_hf_dir", ["qwen2", "qwen3"], indirect=True)
+def test_stage1_keeps_biases_and_qk_norms_of_other_families(family_hf_dir):
+    """Stage 1 (the added rows only) at TP=2 on Qwen2 and Qwen3: the added rows move; every base
+    tensor, the q/k/v biases and q/k norms included, stays bit-identical."""
+    tokens = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    tokens[0, ::3] = torch.arange(BASE_VOCAB, BASE_VOCAB + len(tokens[0, ::3]))
+    results = run_ranks(_rank_train_each_policy, family_hf_dir, tokens, ["new_vocab_rows"], tp=2)
+    r = results[0]["new_vocab_rows"]
+    before, after = r["before"], r["after"]
+    special = [n for n in before if n.endswith(".bias") or "_norm." in n]
+    assert special, "the model has neither q/k/v biases nor q/k norms: the test checks nothing particular"
+    tables = [n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in before]
+    for name in tables:
+        assert torch.equal(before[name][:BASE_VOCAB], after[name][:BASE_VOCAB]), f"base rows of {name} moved"
+        assert not torch.equal(before[name][BASE_VOCAB:], after[name][BASE_VOCAB:]), f"added rows of {name} did not move"
+    changed = [n for n in before if n not in tables and not torch.equal(before[n], after[n])]
+    assert not changed, f"stage 1 changed base tensors {changed}"
 
 
 def test_tied_model_refuses_input_or_output_rows_alone():
