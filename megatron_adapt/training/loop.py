@@ -195,7 +195,7 @@ def build_model(config: Config, plan: RunPlan, load_weights: bool = True) -> Dis
 def _load_hf_start(model: LlamaGPTModel, config: Config, plan: RunPlan) -> None:
     """Weights from the HF checkpoint, rows added for the extended tokenizer where it grew."""
     get = HFCheckpointReader(config.model.hf_dir).__getitem__
-    if plan.arch.vocab_size > get("model.embed_tokens.weight").shape[0]:
+    if plan.arch.vocab_size != get("model.embed_tokens.weight").shape[0]:  # added rows, or dropped padding
         get = resizing_reader(get, plan.base_tokenizer, plan.tokenizer, config.model.init_method)
     load_hf_state(model, get)
 

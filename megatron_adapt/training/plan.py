@@ -123,9 +123,9 @@ def plan_run(config: Config) -> RunPlan:
         if source is not None and vocab != arch.vocab_size:
             raise ConfigError(f"model.tokenizer: {config.model.tokenizer} has {vocab} pieces but checkpoint "
                               f"{source} has {arch.vocab_size} vocabulary rows")
-        if source is None and vocab < arch.vocab_size:
+        if source is None and vocab < base_vocab:  # rows past the base tokenizer's ids are padding (Qwen)
             raise ConfigError(f"model.tokenizer: {config.model.tokenizer} has {vocab} pieces, fewer than "
-                              f"{config.model.hf_dir}'s {arch.vocab_size}")
+                              f"the base tokenizer {base_tokenizer}'s {base_vocab}")
         arch = arch.with_vocab_size(vocab)
     planned = optimizer_kind_for_this_machine()
     if resume_from is not None:

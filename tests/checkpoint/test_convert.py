@@ -233,3 +233,47 @@ def test_base_tokenizer_of_another_model_is_refused(recipe, smollm2_tokenizer, s
         hf_to_megatron(recipe / "base_llama", smollm2_vi, tmp_path / "out",
                        base_tokenizer=smollm2_tokenizer)
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen_padding_rows_are_dropped_and_added_rows_follow_the_tokenizer(qwen_tokenizer, qwen_vi, tmp_path):
+    """A Qwen2 checkpoint with Qwen's 151936 rows for its tokenizer's fewer ids (padding no token
+    reaches), its real tokenizer extended with Vietnamese: exported, it has the extended tokenizer's
+    rows — the base ids' rows unchanged, the padding gone, each added row the mean of its base
+    pieces' rows — and HF gives the base model's logits for every base id."""
+    import transformers
+
+    from megatron_adapt.tokenizer.load import load_tokenizer
+
+    base_tok, new_tok = load_tokenizer(qwen_tokenizer), load_tokenizer(qwen_vi)
+    base_vocab = base_tok.vocab_size
+    report = json.loads((qwen_vi / "report.json").read_text())
+    assert new_tok.vocab_size == base_vocab + 2000 and report["unreachable_added"] == 0, report
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=64))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    hf = tmp_path / "qwen"
+    model.save_pretrained(hf)
+    shutil.copy(qwen_tokenizer / "tokenizer.json", hf / "tokenizer.json")
+
+    hf_to_megatron(hf, qwen_vi, tmp_path / "start")
+    assert convert(["megatron-to-hf", "--checkpoint", str(tmp_path / "start"), "--output", str(tmp_path / "release"),
+                    "--dtype", "fp32"]) == 0
+    release = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "release")
+    assert type(release).__name__ == "Qwen2ForCausalLM" and release.config.vocab_size == new_tok.vocab_size
+    old, new = model.model.embed_tokens.weight.detach(), release.model.embed_tokens.weight.detach()
+    assert torch.equal(new[:base_vocab], old[:base_vocab]), "base rows changed"
+    added = new_tok.tokens(base_vocab)
+    for k in (0, len(added) // 2, len(added) - 1):
+        ids = base_tok.subword_ids([added[k]])[0]
+        assert torch.allclose(new[base_vocab + k], old[ids].mean(0), atol=1e-6), \
+            f"row of added piece {added[k]!r} is not its base pieces' mean (padding rows leaked in?)"
+    text = "Hà Nội là thủ đô của Việt Nam. The capital of Vietnam is Hanoi."
+    tokens = torch.tensor([base_tok.hf_tokenizer.encode(text).ids])
+    with torch.no_grad():
+        expected, got = model(tokens).logits[..., :base_vocab], release(tokens).logits[..., :base_vocab]
+    assert torch.allclose(got, expected, atol=1e-5), f"base ids' logits moved by {(got - expected).abs().max():.2e}"
