@@ -44,8 +44,8 @@ def run(work: Path, *steps: recipe.Step) -> None:
 
 def training_paragraphs(corpus: Path, out: Path, max_bytes: int, lang: str | None) -> None:
     """The training side of the held-out split, up to ``max_bytes`` of text, as JSONL."""
-    from megatron_adapt.tokenizer.languages import profile
     from megatron_adapt.text.heldout import split_paragraphs
+    from megatron_adapt.tokenizer.languages import profile
 
     normalize = profile(lang).normalize or (lambda s: s)
     total, lines = 0, []

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """What an HF family adds to LLaMA's decoder."""

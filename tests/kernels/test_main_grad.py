@@ -14,7 +14,11 @@ VOCAB, BASE, SEQ = 500, 400, 16
 
 
 def _main_grads(tied: bool) -> dict:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     from megatron_adapt.model.build import build_llama
     from megatron_adapt.model.config import LlamaArchitecture

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sentencepiece as spm
 import pytest
+import sentencepiece as spm
 
 from tests.shared_data import LLAMA2_TOKENIZER, require
 from tools.extend_tokenizer import main

@@ -28,7 +28,11 @@ VOCAB, BASE, SEQ = 300, 280, 16  # TP=2 pads to 512 rows: rank 0 holds rows 0-25
 
 def _rank_two_steps(run_dir: str) -> dict:
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     from megatron_adapt.model.build import build_llama
     from megatron_adapt.model.config import LlamaArchitecture
