@@ -94,7 +94,7 @@ def test_refuses_tokenizers_that_do_not_extend(tokenizers, tmp_path):
     with pytest.raises(VocabMismatchError, match=r"id \d+ differs"):
         check_extends(base, load_tokenizer(other), BASE_VOCAB)
     smaller = train_llama_like(_lines(GUTENBERG, 1)[:3000], 900, tmp_path / "small.model")
-    with pytest.raises(VocabMismatchError, match="fewer than the checkpoint's 1000: first missing id 900"):
+    with pytest.raises(VocabMismatchError, match="fewer than the base tokenizer's 1000: first missing id 900"):
         check_extends(base, load_tokenizer(smaller), BASE_VOCAB)
 
 
