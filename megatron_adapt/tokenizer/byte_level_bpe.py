@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 from tokenizers import Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from megatron_adapt.tokenizer.bpe_extend import mergeable
+from megatron_adapt.tokenizer.bpe_extend import in_scripts, mergeable
 from megatron_adapt.tokenizer.sentencepiece_model import SPACE
 
 # The files a Hugging Face tokenizer directory may hold beside tokenizer.json that stay valid
@@ -47,11 +47,6 @@ def piece_bytes(piece: str) -> bytes:
     """The bytes a ByteLevel-alphabet token stands for."""
     table = _char_to_byte()
     return bytes(table[c] for c in piece)
-
-
-def piece_text(piece: str) -> str:
-    """The text of a token, incomplete UTF-8 sequences at its edges left out ("" if only those)."""
-    return piece_bytes(piece).decode("utf-8", errors="ignore")
 
 
 def load(path: str | Path) -> tuple[dict, Tokenizer]:
@@ -139,14 +134,51 @@ def count_words(texts: Iterable[str], tokenizer: Tokenizer,
     return counts
 
 
-def piece_rule(ascii_piece: Callable[[str, bool], bool], max_length: int = 16) -> Callable[[str], bool]:
-    """``bpe_extend.mergeable`` read on a token's text. A token made only of bytes inside a
-    multi-byte character is allowed: English (ASCII) text never contains it."""
+def lone_partial_character(data: bytes) -> bool:
+    """Is ``data`` the first bytes of one UTF-8 character, and nothing else?"""
+    if not data or not 0xC0 <= data[0] < 0xF8:
+        return False
+    length = 2 if data[0] < 0xE0 else 3 if data[0] < 0xF0 else 4
+    return len(data) < length and all(0x80 <= b < 0xC0 for b in data[1:])
+
+
+def splits_a_character(data: bytes) -> bool:
+    """Does a token of these bytes start or end inside a UTF-8 character?"""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def without_idle_stepping_stones(pieces: list[str], components: dict[str, tuple[str, str]]) -> list[str]:
+    """``pieces`` less those that end inside a character and build no other kept piece (learned for
+    a character whose completion was not learned): such a token would only split it."""
+    while True:
+        used = {part for piece in pieces for part in components.get(piece, ())}
+        kept = [p for p in pieces if p in used or not splits_a_character(piece_bytes(p))]
+        if len(kept) == len(pieces):
+            return kept
+        pieces = kept
+
+
+def piece_rule(ascii_piece: Callable[[str, bool], bool], scripts: frozenset[str] | None = None,
+               max_length: int = 16) -> Callable[[str], bool]:
+    """``bpe_extend.mergeable`` read on a token's text, whose letters must be in ``scripts``.
+
+    A token never starts inside a UTF-8 character, and ends inside one only as the first bytes of
+    one character, alone or after a space: BPE reaches a multi-byte character the base never
+    merged only through such a prefix, and byte-level bases already hold space + lead byte
+    tokens ("Ġá"), which a word-initial character then grows from. So no token glues a
+    character's bytes to other text, and English (ASCII) text never contains one."""
 
     def allowed(piece: str) -> bool:
-        text = piece_text(piece)
-        if not text:
-            return True
+        data = piece_bytes(piece)
+        if splits_a_character(data):
+            return lone_partial_character(data.removeprefix(b" "))
+        text = data.decode("utf-8")
+        if not in_scripts(text, scripts):
+            return False
         return mergeable(SPACE + text[1:] if text.startswith(" ") else text, max_length, ascii_piece)
 
     return allowed
@@ -160,6 +192,11 @@ def unreachable(tokenizer: Tokenizer, first_id: int) -> list[str]:
         if i >= first_id and [t.id for t in tokenizer.model.tokenize(piece)] != [i]:
             bad.append(piece)
     return bad
+
+
+def token_text(piece: str) -> str:
+    """A token's text, a partial character shown as U+FFFD."""
+    return piece_bytes(piece).decode("utf-8", errors="replace")
 
 
 def subword_ids(base: Tokenizer, pieces: list[str]) -> list[list[int]]:

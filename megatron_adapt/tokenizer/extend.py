@@ -43,11 +43,14 @@ class ExtendConfig:
     ``tokenizer.json`` (LLaMA-3, SmolLM2), or a directory holding one (``load.locate``)."""
     corpus: list[Path]
     """New-language text: plain text or JSONL, optionally .gz/.xz/.zst."""
-    num_new_tokens: int
-    """Upper bound on added pieces; fewer are added if pairs run out or pieces are unreachable."""
+    num_new_tokens: int | list[int]
+    """Upper bound on added pieces (fewer are added if pairs run out or pieces are unreachable);
+    several sizes: one learning, a tokenizer for each size in ``OUT/<size>/`` and the sweep."""
     output_dir: Path
     lang: str | None = None
-    """Language code choosing the profile in ``languages.py`` (normalization, ASCII pieces)."""
+    """Language code choosing the profile in ``languages.py`` (normalization, ASCII pieces, scripts)."""
+    scripts: list[str] | None = None
+    """Override the profile's scripts (Unicode script names, e.g. LATIN, CJK; ["any"]: no restriction)."""
     english: list[Path] = field(default_factory=list)
     """English text: its base segmentation is protected, and held-out lines measure the change."""
     text_key: str = "text"
@@ -65,7 +68,7 @@ class ExtendConfig:
     def __post_init__(self) -> None:
         self.base_model, self.output_dir = Path(self.base_model), Path(self.output_dir)
         self.corpus, self.english = [Path(p) for p in self.corpus], [Path(p) for p in self.english]
-        if self.num_new_tokens <= 0:
+        if any(n <= 0 for n in self.sizes):
             raise ValueError(f"--num-new-tokens must be positive, got {self.num_new_tokens}")
         if not self.corpus:
             raise ValueError("no corpus file given")
@@ -76,6 +79,11 @@ class ExtendConfig:
                 raise FileNotFoundError(f"{path}: no such file")
         if not 0 < self.heldout_per_mille < 1000:
             raise ValueError(f"heldout_per_mille must be in 1..999, got {self.heldout_per_mille}")
+
+    @property
+    def sizes(self) -> list[int]:
+        sizes = self.num_new_tokens if isinstance(self.num_new_tokens, list) else [self.num_new_tokens]
+        return sorted(set(sizes))
 
 
 @dataclass
@@ -161,47 +169,64 @@ class _Extended:
     """Base and extended encoders: ``encode(lines)`` → id lists."""
     write: Callable[[Path], None]
     english_protected_pairs: int
+    added_texts: list[str]
+    """The added pieces' text (a partial character as U+FFFD), for the script breakdown."""
 
 
-def _extend_sentencepiece(config: ExtendConfig, lang, train: list[str], english: list[str]) -> _Extended:
+@dataclass
+class _Learned:
+    """One learning run: its pieces in learning order, and the tokenizer of any prefix of them."""
+
+    pieces: list[str]
+    build: Callable[[list[str]], _Extended]
+
+
+def _learn_sentencepiece(config: ExtendConfig, lang, train: list[str], english: list[str], budget: int) -> _Learned:
     base = sentencepiece_model.load_model_proto(config.base_model)
     segmenter = bpe_extend.BaseSegmenter(sentencepiece_model.processor(base, add_dummy_prefix=False), config.threads)
     forbidden = bpe_extend.forbidden_pairs(segmenter, list(bpe_extend.count_words(english)))
     counts = bpe_extend.count_words(train, lang.normalize)
     counts = Counter({w: c for w, c in counts.items() if c >= config.min_frequency})
+    counts = bpe_extend.keep_scripts(counts, lang.scripts)
     max_length = base.trainer_spec.max_sentencepiece_length or 16
     result = bpe_extend.learn_pieces(
-        counts, segmenter, config.num_new_tokens,
+        counts, segmenter, budget,
         functools.partial(bpe_extend.mergeable, max_length=max_length, ascii_piece=lang.ascii_piece),
         forbidden, lang.character_coverage, progress=config.progress)
+    new_chars = set(result.new_chars)
 
     def unreachable_of(pieces: list[str]) -> set[str]:
         model = sentencepiece_model.merge_pieces(base, pieces)
         return {model.pieces[i].piece for i in sentencepiece_model.unreachable_pieces(model, len(base.pieces))}
 
-    pieces, dropped = _remove_unreachable(result.pieces, {a + b: (a, b) for a, b in result.merges}, unreachable_of)
-    model = sentencepiece_model.merge_pieces(base, pieces)
+    def build(learned: list[str]) -> _Extended:
+        pieces, dropped = _remove_unreachable(learned, {a + b: (a, b) for a, b in result.merges}, unreachable_of)
+        model = sentencepiece_model.merge_pieces(base, pieces)
 
-    def write(directory: Path) -> None:
-        (directory / "tokenizer.model").write_bytes(model.SerializeToString())
-        write_hf_files(model, directory)
+        def write(directory: Path) -> None:
+            (directory / "tokenizer.model").write_bytes(model.SerializeToString())
+            write_hf_files(model, directory)
 
-    return _Extended(
-        base_vocab_size=len(base.pieces), vocab_size=len(model.pieces), added=len(pieces),
-        new_characters=len(result.new_chars), dropped=len(dropped),
-        unreachable=len(sentencepiece_model.unreachable_pieces(model, len(base.pieces))),
-        base=sentencepiece_model.processor(base), extended=sentencepiece_model.processor(model), write=write,
-        english_protected_pairs=len(forbidden))
+        return _Extended(
+            base_vocab_size=len(base.pieces), vocab_size=len(model.pieces), added=len(pieces),
+            new_characters=len(new_chars.intersection(pieces)), dropped=len(dropped),
+            unreachable=len(sentencepiece_model.unreachable_pieces(model, len(base.pieces))),
+            base=sentencepiece_model.processor(base), extended=sentencepiece_model.processor(model), write=write,
+            english_protected_pairs=len(forbidden),
+            added_texts=[p.replace(sentencepiece_model.SPACE, " ") for p in pieces])
+
+    return _Learned(result.pieces, build)
 
 
-def _extend_byte_level_bpe(config: ExtendConfig, lang, train: list[str], english: list[str]) -> _Extended:
+def _learn_byte_level_bpe(config: ExtendConfig, lang, train: list[str], english: list[str], budget: int) -> _Learned:
     base_spec, base = byte_level_bpe.load(config.base_model)
     segmenter = byte_level_bpe.ByteLevelSegmenter(base)
     forbidden = bpe_extend.forbidden_pairs(segmenter, list(byte_level_bpe.count_words(english, base)))
     counts = byte_level_bpe.count_words(train, base, lang.normalize)
     counts = Counter({w: c for w, c in counts.items() if c >= config.min_frequency})
-    result = bpe_extend.learn_pieces(counts, segmenter, config.num_new_tokens,
-                                     byte_level_bpe.piece_rule(lang.ascii_piece), forbidden,
+    counts = bpe_extend.keep_scripts(counts, lang.scripts, byte_level_bpe.token_text)
+    result = bpe_extend.learn_pieces(counts, segmenter, budget,
+                                     byte_level_bpe.piece_rule(lang.ascii_piece, lang.scripts), forbidden,
                                      character_coverage=1.0, progress=config.progress)
     first = byte_level_bpe.first_new_id(base_spec)
     merges = {a + b: (a, b) for a, b in result.merges}
@@ -213,70 +238,152 @@ def _extend_byte_level_bpe(config: ExtendConfig, lang, train: list[str], english
     def unreachable_of(pieces: list[str]) -> set[str]:
         return set(byte_level_bpe.unreachable(tokenizer_of(pieces), first))
 
-    pieces, dropped = _remove_unreachable(result.pieces, merges, unreachable_of)
-    spec = byte_level_bpe.extended_spec(base_spec, [merges[p] for p in pieces])
-    extended = Tokenizer.from_str(json.dumps(spec))
+    def build(learned: list[str]) -> _Extended:
+        reachable, dropped = _remove_unreachable(learned, merges, unreachable_of)
+        pieces = byte_level_bpe.without_idle_stepping_stones(reachable, merges)
+        dropped += [p for p in reachable if p not in set(pieces)]
+        spec = byte_level_bpe.extended_spec(base_spec, [merges[p] for p in pieces])
+        extended = Tokenizer.from_str(json.dumps(spec))
 
-    def write(directory: Path) -> None:
-        (directory / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=1), encoding="utf-8")
-        for name in byte_level_bpe.COMPANION_FILES:
-            if (config.base_model.parent / name).is_file():
-                shutil.copy(config.base_model.parent / name, directory / name)
+        def write(directory: Path) -> None:
+            (directory / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=1), encoding="utf-8")
+            for name in byte_level_bpe.COMPANION_FILES:
+                if (config.base_model.parent / name).is_file():
+                    shutil.copy(config.base_model.parent / name, directory / name)
 
-    return _Extended(
-        base_vocab_size=first, vocab_size=first + len(pieces), added=len(pieces), new_characters=0,
-        dropped=len(dropped), unreachable=len(byte_level_bpe.unreachable(extended, first)),
-        base=_Batch(base), extended=_Batch(extended), write=write, english_protected_pairs=len(forbidden))
+        return _Extended(
+            base_vocab_size=first, vocab_size=first + len(pieces), added=len(pieces), new_characters=0,
+            dropped=len(dropped), unreachable=len(byte_level_bpe.unreachable(extended, first)),
+            base=_Batch(base), extended=_Batch(extended), write=write, english_protected_pairs=len(forbidden),
+            added_texts=[byte_level_bpe.token_text(p) for p in pieces])
+
+    return _Learned(result.pieces, build)
 
 
 def extend_tokenizer(config: ExtendConfig) -> dict:
-    """Run the whole extension; returns the report also written to OUT/report.json."""
+    """Run the whole extension; returns the report also written to OUT/report.json (several sizes:
+    ``{"sizes": {size: report}}``, written as OUT/sweep.json beside OUT/<size>/ and the plot)."""
     start = time.time()
-    lang = profile(config.lang, config.normalize)
+    lang = profile(config.lang, config.normalize, config.scripts)
     kind, config.base_model = locate(config.base_model)
-    extend = _extend_sentencepiece if kind == "sentencepiece" else _extend_byte_level_bpe
+    learn = _learn_sentencepiece if kind == "sentencepiece" else _learn_byte_level_bpe
     if kind == "sentencepiece":
         sentencepiece_model.load_model_proto(config.base_model)  # refuse a bad model before reading corpora
     else:
         byte_level_bpe.load(config.base_model)
     _refuse_existing(config)
+    sizes = config.sizes
     with atomic_dir(config.output_dir) as tmp:
         corpus = split_lines(config.corpus, config.text_key, config.heldout_per_mille, config.progress)
         if not corpus.train:
             raise ValueError(f"corpus {', '.join(map(str, config.corpus))} has no text lines")
         english = split_lines(config.english, config.text_key, config.heldout_per_mille, config.progress)
-        ext = extend(config, lang, corpus.train, english.train)
-        if ext.dropped:
-            log.info("dropped %d unreachable pieces (and pieces built from them)", ext.dropped)
-
+        learned = learn(config, lang, corpus.train, english.train, sizes[-1])
         normalize = lang.normalize or (lambda s: s)
         heldout = [normalize(line) for line in corpus.heldout[: config.max_eval_lines]]
         en_heldout = english.heldout[: config.max_eval_lines]
-        report = {
-            "tokenizer_kind": kind,
-            "base_vocab_size": ext.base_vocab_size, "vocab_size": ext.vocab_size, "added": ext.added,
-            "unreachable_added": ext.unreachable,
-            "new_characters": ext.new_characters, "dropped_unreachable": ext.dropped,
-            "fertility": {lang.name: compression(ext.base, ext.extended, heldout)},
-            "english_identical_fraction": None,
-            "heldout_lines": {lang.name: len(heldout), "en": len(en_heldout)},
-            "bad_lines": len(corpus.bad_lines) + len(english.bad_lines),
-            "bad_line_examples": [str(b) for b in (corpus.bad_lines + english.bad_lines)[:10]],
-            "normalization": lang.normalization, "english_protected_pairs": ext.english_protected_pairs,
-        }
-        if en_heldout:
-            same = sum(a == b for a, b in zip(ext.base.encode(en_heldout), ext.extended.encode(en_heldout)))
-            report["english_identical_fraction"] = same / len(en_heldout)
-            report["fertility"]["en"] = compression(ext.base, ext.extended, en_heldout)
-        else:
+        if not en_heldout:
             log.warning("no English text given (--english): English tokenization is not protected or measured")
+        reports = {}
+        for size in sizes:
+            ext = learned.build(learned.pieces[:size])
+            if ext.dropped:
+                log.info("size %d: dropped %d pieces: unreachable ones, pieces built from them, partial characters "
+                         "nothing builds on", size, ext.dropped)
+            report = _measure(ext, kind, lang, heldout, en_heldout, corpus, english)
+            report["requested"] = size
+            directory = tmp if len(sizes) == 1 else tmp / str(size)
+            directory.mkdir(exist_ok=True)
+            ext.write(directory)
+            reports[size] = report
+        config_record = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) and v
+                             and isinstance(v[0], Path) else v) for k, v in dataclasses.asdict(config).items()}
+        seconds = round(time.time() - start, 1)
+        for size, report in reports.items():
+            report.update(seconds=seconds, config=config_record)
+            directory = tmp if len(sizes) == 1 else tmp / str(size)
+            (directory / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        if len(sizes) == 1:
+            return reports[sizes[0]]
+        sweep = {"sizes": reports, "seconds": seconds}
+        (tmp / "sweep.json").write_text(json.dumps(sweep, indent=2, ensure_ascii=False))
+        plot_sweep(reports, tmp / "sweep.png")
+    return sweep
 
-        ext.write(tmp)
-        report["seconds"] = round(time.time() - start, 1)
-        report["config"] = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
-                            for k, v in dataclasses.asdict(config).items()}
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+
+def _measure(ext: _Extended, kind: str, lang, heldout: list[str], en_heldout: list[str],
+             corpus: CorpusSplit, english: CorpusSplit) -> dict:
+    """One extended tokenizer's report: sizes, held-out fertility, English identity, scripts."""
+    report = {
+        "tokenizer_kind": kind,
+        "base_vocab_size": ext.base_vocab_size, "vocab_size": ext.vocab_size, "added": ext.added,
+        "embedding_rows_added": ext.vocab_size - ext.base_vocab_size,
+        "unreachable_added": ext.unreachable,
+        "new_characters": ext.new_characters, "dropped_unreachable": ext.dropped,
+        "fertility": {lang.name: compression(ext.base, ext.extended, heldout)},
+        "heldout_in_scripts": None,
+        "english_identical_fraction": None,
+        "heldout_lines": {lang.name: len(heldout), "en": len(en_heldout)},
+        "bad_lines": len(corpus.bad_lines) + len(english.bad_lines),
+        "bad_line_examples": [str(b) for b in (corpus.bad_lines + english.bad_lines)[:10]],
+        "normalization": lang.normalization, "english_protected_pairs": ext.english_protected_pairs,
+        "scripts": sorted(lang.scripts) if lang.scripts is not None else "any",
+        "added_scripts": added_scripts(ext.added_texts),
+    }
+    if lang.scripts is not None:  # the language's own text: lines without foreign-script names
+        in_scripts = [line for line in heldout if bpe_extend.in_scripts(line, lang.scripts)]
+        report["fertility"][in_scripts_key(lang)] = compression(ext.base, ext.extended, in_scripts)
+        report["heldout_in_scripts"] = len(in_scripts)
+    if en_heldout:
+        same = sum(a == b for a, b in zip(ext.base.encode(en_heldout), ext.extended.encode(en_heldout)))
+        report["english_identical_fraction"] = same / len(en_heldout)
+        report["fertility"]["en"] = compression(ext.base, ext.extended, en_heldout)
     return report
+
+
+def in_scripts_key(lang) -> str:
+    """The fertility entry of the held-out lines written in the language's scripts only."""
+    return f"{lang.name} ({'+'.join(sorted(lang.scripts))} lines)"
+
+
+def plot_sweep(reports: dict[int, dict], path: Path) -> None:
+    """Tokens per word of each held-out text against the pieces added, one line per text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(reports)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for text in reports[sizes[0]]["fertility"]:
+        ax.plot([reports[s]["added"] for s in sizes], [reports[s]["fertility"][text]["extended"] for s in sizes],
+                marker="o", label=text)
+    ax.set_xlabel("pieces added")
+    ax.set_ylabel("tokens per word (held-out)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def added_scripts(texts: list[str]) -> dict[str, int]:
+    """How many added pieces have letters of each script ("PARTIAL": the first bytes of one
+    character; "NONE": no letters), most first."""
+    labels = Counter("PARTIAL" if "\ufffd" in t else bpe_extend.script_label(t) for t in texts)
+    return dict(labels.most_common())
+
+
+def iter_sweep_summary(sweep: dict) -> Iterator[str]:
+    """One row per size: pieces and rows added, held-out tokens/word, English identity."""
+    reports = sweep["sizes"]
+    texts = list(next(iter(reports.values()))["fertility"])
+    yield f"{'requested':>10}{'added':>8}{'rows':>8}" + "".join(f"{t:>22}" for t in texts) + f"{'English same':>14}"
+    for size, r in reports.items():
+        identical = r["english_identical_fraction"]
+        yield (f"{size:>10}{r['added']:>8}{r['embedding_rows_added']:>8}"
+               + "".join(f"{r['fertility'][t]['extended']:>22.3f}" for t in texts)
+               + f"{'n/a' if identical is None else f'{identical:.2%}':>14}")
 
 
 def iter_summary(report: dict) -> Iterator[str]:
@@ -291,6 +398,9 @@ def iter_summary(report: dict) -> Iterator[str]:
         base = f"{f['base']:.3f} ({f['chars_per_token_base']:.2f})"
         ext = f"{f['extended']:.3f} ({f['chars_per_token_extended']:.2f})"
         yield f"{'  ' + lang:<28}{base:>16}{ext:>16}"
+    added = max(report["added"], 1)
+    breakdown = ", ".join(f"{name} {n} ({n / added:.1%})" for name, n in list(report["added_scripts"].items())[:5])
+    yield f"{'added pieces by script':<28}{breakdown}"
     identical = report["english_identical_fraction"]
     yield f"{'English lines identical':<28}{'n/a' if identical is None else f'{identical:.2%}':>12}"
     if report["bad_lines"]:

@@ -6,6 +6,12 @@ outside ASCII (true of Chinese, Tibetan and most scripts). Vietnamese writes man
 plain ASCII ("trong", "cho", "nhanh"), so its profile allows an ASCII piece when it is part of a
 well-formed Vietnamese syllable (onset + vowel nucleus + final consonant) — which English words
 and the foreign names common in Vietnamese text ("Levin", "Diana") are not.
+
+A profile also names the scripts the language is written in (Unicode script names as
+``bpe_extend.letter_scripts`` gives them: "LATIN", "CJK", "TIBETAN"). Pieces and coverage characters
+are learned only from word runs whose letters are all in those scripts: the Chinese, Japanese,
+Greek and Cyrillic names inside Vietnamese Wikipedia would otherwise take rows that Vietnamese
+text rarely uses; such text stays on the base tokenizer's pieces or bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megatron_adapt.text.normalize import get_normalizer
+from megatron_adapt.tokenizer.bpe_extend import script_names
 
 _VI_ONSETS = ("", "b", "c", "ch", "d", "g", "gh", "gi", "h", "k", "kh", "l", "m", "n", "ng", "ngh", "nh",
               "p", "ph", "qu", "r", "s", "t", "th", "tr", "v", "x")
@@ -67,18 +74,34 @@ class LanguageProfile:
     """May a learned piece spelled only in ASCII be added? (body, starts a word)"""
     character_coverage: float = 0.9995
     """Share of character occurrences the vocabulary must cover; rarer characters stay bytes."""
+    scripts: frozenset[str] | None = None
+    """Scripts whose letters pieces are learned from; None: any."""
 
     @property
     def normalize(self) -> Callable[[str], str] | None:
         return get_normalizer(self.normalization)
 
 
-PROFILES = {"vi": LanguageProfile("vi", "vi", vietnamese_ascii_piece, character_coverage=0.9999)}
+PROFILES = {
+    "vi": LanguageProfile("vi", "vi", vietnamese_ascii_piece, character_coverage=0.99999,
+                          scripts=frozenset({"LATIN"})),  # its tone marks are precomposed (NFC) or combining
+    "zh": LanguageProfile("zh", None, no_ascii_piece, scripts=frozenset({"CJK"})),
+    "bo": LanguageProfile("bo", None, no_ascii_piece, scripts=frozenset({"TIBETAN"})),
+}
 
 
-def profile(lang: str | None, normalization: str | None = None) -> LanguageProfile:
-    """The profile for ``lang``; unknown languages get the script-agnostic default."""
+def profile(lang: str | None, normalization: str | None = None,
+            scripts: list[str] | None = None) -> LanguageProfile:
+    """The profile for ``lang``; unknown languages get the script-agnostic default. ``scripts``
+    overrides the profile's (["any"]: no restriction)."""
     base = PROFILES.get(lang or "", LanguageProfile(lang or "default", None, no_ascii_piece))
     if normalization is not None:
         base = dataclasses.replace(base, normalization=None if normalization == "none" else normalization)
+    if scripts is not None:
+        chosen = {s.strip().upper() for s in scripts if s.strip()}
+        unknown = sorted(chosen - script_names() - {"ANY"})
+        if unknown:
+            raise ValueError(f"--scripts: unknown script {unknown[0]!r} (a script is the first word "
+                             "of its letters' Unicode names: LATIN, CJK, TIBETAN, CYRILLIC, ...; or 'any')")
+        base = dataclasses.replace(base, scripts=None if "ANY" in chosen else frozenset(chosen))
     return base

@@ -48,6 +48,15 @@ def test_non_positive_count(tmp_path, capsys, corpus, n):
     assert code == 2 and "--num-new-tokens must be positive" in err
 
 
+def test_bad_scripts_and_sizes_are_refused_by_name(tmp_path, capsys, corpus):
+    code, err = _run(tmp_path, capsys, **{"--corpus": str(corpus), "--scripts": "LATIN,KLINGON"})
+    assert code == 2 and "unknown script 'KLINGON'" in err, err
+    with pytest.raises(SystemExit) as exit_:
+        _run(tmp_path, capsys, **{"--corpus": str(corpus), "--num-new-tokens": "2000,x"})
+    assert exit_.value.code == 2 and "comma-separated list of numbers, got '2000,x'" in capsys.readouterr().err
+    assert not _left_behind(tmp_path)
+
+
 def test_base_model_not_bpe(tmp_path, capsys, corpus):
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "uni"), vocab_size=29,
                                    model_type="unigram", minloglevel=2)
