@@ -73,13 +73,16 @@ def script_names() -> frozenset[str]:
 
 @functools.lru_cache(maxsize=None)
 def char_script(ch: str) -> str | None:
-    """The script a character belongs to: letters, and marks or signs named after one ("THAI
-    CHARACTER MAI EK", "TIBETAN MARK INTERSYLLABIC TSHEG", "KATAKANA MIDDLE DOT"); None for
-    characters of no script (digits, general punctuation and symbols, combining accents)."""
+    """The script a character belongs to: a letter's, a mark's named after one ("THAI CHARACTER
+    MAI EK", "LAO VOWEL SIGN I"), Tibetan's signs ("TIBETAN MARK INTERSYLLABIC TSHEG"); None for
+    what any script's text uses (digits, punctuation and symbols, combining accents, spaces)."""
     if ch.isascii():
         return "LATIN" if ch.isalpha() else None
+    category = unicodedata.category(ch)
     first = unicodedata.name(ch, "").split(" ", 1)[0]
-    return first if first in script_names() else None
+    if category.startswith("L") or (category.startswith("M") or first == "TIBETAN") and first in script_names():
+        return first
+    return None
 
 
 def letter_scripts(text: str) -> set[str]:
