@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES)
     b.add_argument("--lora", choices=["merge", "peft"], default="merge",
                    help="a LoRA run: adapters merged into the weights, or the base plus a PEFT adapter in OUTPUT/adapter")
+    b.add_argument("--eval", help="tools/evaluate.py's JSON: its figures go into the model card (README.md)")
     b.add_argument("--chat-template", choices=list(CHAT_TEMPLATES),
                    help="the template the SFT data was rendered with, written into tokenizer_config.json")
     c = sub.add_parser("gguf-to-hf", help="a GGUF model (dequantized to fp32) as an HF directory")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                                  DTYPES.get(args.dtype), args.tp, args.pp, args.max_shard_bytes)
         else:
             out = megatron_to_hf(args.checkpoint, args.output, args.tokenizer_dir, DTYPES[args.dtype],
-                                 args.max_shard_bytes, args.chat_template, args.lora)
+                                 args.max_shard_bytes, args.chat_template, args.lora, args.eval)
     except (ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

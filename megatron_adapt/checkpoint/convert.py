@@ -35,6 +35,7 @@ from megatron_adapt.checkpoint.format import (
 )
 from megatron_adapt.checkpoint.hf import INDEX_NAME, HFCheckpointReader
 from megatron_adapt.checkpoint.lora_export import ADAPTER_DIR, lora_run_reader, merged, write_peft_adapter
+from megatron_adapt.checkpoint.model_card import model_card
 from megatron_adapt.checkpoint.streaming import plan_shards, write_shard
 from megatron_adapt.data.chat import CHAT_TEMPLATES
 from megatron_adapt.model.config import LlamaArchitecture
@@ -116,19 +117,29 @@ def hf_to_megatron(hf_dir: str | Path, tokenizer_dir: str | Path, output: str | 
 
 def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: str | Path | None = None,
                    dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                   chat_template: str | None = None, lora_export: Literal["merge", "peft"] = "merge") -> Path:
+                   chat_template: str | None = None, lora_export: Literal["merge", "peft"] = "merge",
+                   evaluation: str | Path | None = None) -> Path:
     """An HF model directory (weights, config, generation config, tokenizer files) from a run directory's
     latest checkpoint or an ``iter_N`` directory. The tokenizer defaults to the one the checkpoint
     records; ``chat_template`` (a name in ``data.chat.CHAT_TEMPLATES``) is written into its
     tokenizer_config.json. A LoRA run's checkpoint is exported with its adapters merged, or with
     ``lora_export="peft"`` as its base (trained vocabulary rows included) plus a PEFT adapter in
-    ``OUTPUT/adapter`` (``lora_export.py``). Joins a one-process torch.distributed group for a
-    training checkpoint."""
+    ``OUTPUT/adapter`` (``lora_export.py``). The model card (README.md, ``model_card.py``) gets
+    ``evaluation``'s figures (``tools/evaluate.py``'s JSON) when given. Joins a one-process
+    torch.distributed group for a training checkpoint."""
     if chat_template is not None and chat_template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {chat_template!r}; expected one of {', '.join(CHAT_TEMPLATES)}")
     source = resolve_checkpoint(checkpoint)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else _recorded_tokenizer_dir(source)
     locate(tok_dir)  # refuse a directory without a tokenizer before writing anything
+    figures = None
+    if evaluation is not None:
+        try:
+            figures = json.loads(Path(evaluation).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--eval {evaluation}: not an evaluation JSON ({err})") from None
+        if not isinstance(figures, dict) or not isinstance(figures.get("models"), dict):
+            raise ValueError(f"--eval {evaluation}: no 'models' object (tools/evaluate.py writes one)")
     out = Path(output)
     with atomic_dir(out) as tmp:
         arch = _write_hf_model(source, tmp, dtype, max_shard_bytes, lora_export, str(out))
@@ -139,6 +150,7 @@ def megatron_to_hf(checkpoint: str | Path, output: str | Path, tokenizer_dir: st
                       "temperature": 0.7, "top_p": 0.9, "max_length": arch.max_position_embeddings}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         export_tokenizer(tok_dir, tmp, chat_template)
+        (tmp / "README.md").write_text(model_card(source, tok_dir, figures), encoding="utf-8")
     return out
 
 

@@ -111,8 +111,13 @@ def test_export_after_stage1_steps(recipe, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     release = tmp_path / "release"  # the tokenizer comes from the run's recorded config
-    assert convert(["megatron-to-hf", "--checkpoint", str(run), "--dtype", "fp32", "--output", str(release)]) == 0
+    evaluation = {"models": {"base": {"vi": {"bits_per_byte": 2.5}, "arc_vi": {"acc": 0.25, "acc_norm": 0.3, "n": 5}},
+                             "release": {"vi": {"bits_per_byte": 1.25}, "arc_vi": {"acc": 0.5, "acc_norm": 0.4, "n": 5}}}}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    assert convert(["megatron-to-hf", "--checkpoint", str(run), "--dtype", "fp32", "--output", str(release),
+                    "--eval", str(tmp_path / "eval.json")]) == 0
     assert (release / "tokenizer.json").read_bytes() == (recipe / "tokenizer" / "tokenizer.json").read_bytes()
+    _check_model_card(release / "README.md", recipe)
     exported = _tensors(release)
     base = HFCheckpointReader(recipe / "base_llama")
     init = resizing_reader(base.__getitem__, str(recipe / "base_tokenizer" / "tokenizer.model"),
@@ -130,6 +135,23 @@ def test_export_after_stage1_steps(recipe, tmp_path):
     refused = _convert("megatron-to-hf", "--checkpoint", str(run), "--output", str(tmp_path / "bad"))
     assert refused.returncode == 2 and "2 layers stored, config.json says 3" in refused.stderr, refused.stderr[-2000:]
     assert not _complete_outputs(tmp_path / "bad")
+
+
+def _check_model_card(card: Path, recipe: Path) -> None:
+    """Front matter HF reads (license, languages, base model, datasets) and the body's stage,
+    tokenizer and evaluation tables, from the run's own records."""
+    import yaml
+
+    text = card.read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["license"] == "other" and "check it before publishing" in text, "the base has no card: say so"
+    assert front["language"] == ["vi", "en"] and front["base_model"] == "base_llama", front
+    assert front["datasets"] == ["mt", "vi"], front
+    report = json.loads((recipe / "tokenizer" / "report.json").read_text())
+    assert f"| stage1 | 3 | {3 * 4 * 64:,} | new_vocab_rows |" in text, text  # 3 steps × 4 samples × 64 tokens
+    vi = report["fertility"]["vi"]
+    assert f"| vi | {vi['base']:.4f} | {vi['extended']:.4f} |" in text, text
+    assert "| vi bits_per_byte | 2.5000 | 1.2500 |" in text and "| arc_vi acc | 0.2500 | 0.5000 |" in text, text
 
 
 def _complete_outputs(directory: Path) -> list[str]:
