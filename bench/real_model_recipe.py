@@ -10,7 +10,10 @@ stage 2 (all weights, vi:en blend) → export; beside stage 2, from the same sta
 with the same token budget, two alternatives (issue #16): stage 2 with a decoupled vocabulary LR
 (``optim.vocab_lr``) and stage 2 as LoRA (rank 64, alpha 128, all seven modules) with the added
 rows training. ``tools/evaluate.py`` scores held-out Vietnamese and English (bits per byte, tokens
-per word) for the base model, each resized start, and each stage's export. Writes WORK/results.json, WORK/results.md (the table) and WORK/curves.png (training loss
+per word), the same for text of a domain the recipe does not train on (the Universal Declaration
+of Human Rights in both languages, ``../shared/data/udhr``), and arc_vi / mmlu_vi / truthfulqa_vi
+(``../shared/data/eval/vi``, the first ``--task-limit`` items of each, zero-shot) for the base
+model, each resized start, and each stage's export. Writes WORK/results.json, WORK/results.md (the table) and WORK/curves.png (training loss
 and validation bits per byte per group over both stages).
 """
 
@@ -59,13 +62,19 @@ def training_paragraphs(corpus: Path, out: Path, max_bytes: int, lang: str | Non
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def evaluate(model: Path, work: Path, name: str, docs: int) -> dict:
+OFF_DOMAIN = {"vi_udhr": SHARED / "udhr" / "udhr_vie.txt", "en_udhr": SHARED / "udhr" / "udhr_eng.txt"}
+TASKS = ("arc_vi", "mmlu_vi", "truthfulqa_vi")
+
+
+def evaluate(model: Path, work: Path, name: str, docs: int, task_limit: int | None) -> dict:
     out = work / "eval" / f"{name}.json"
     if not out.exists():
         out.parent.mkdir(exist_ok=True)
-        run(work, recipe.evaluate_step([str(model)], (f"vi={ROOT / 'configs/lm_eval/heldout_vi.jsonl'}",
-                                                      f"en={ROOT / 'configs/lm_eval/heldout_en.jsonl'}"),
-                                       str(out), docs))
+        data = (f"vi={ROOT / 'configs/lm_eval/heldout_vi.jsonl'}", f"en={ROOT / 'configs/lm_eval/heldout_en.jsonl'}",
+                *(f"{lang}={path}" for lang, path in OFF_DOMAIN.items()))
+        tasks = ("--tasks", ",".join(TASKS), "--task-data", str(SHARED / "eval" / "vi"),
+                 *(("--limit", str(task_limit)) if task_limit else ()))
+        run(work, recipe.evaluate_step([str(model)], data, str(out), docs, tasks))
     (scores,) = json.loads(out.read_text())["models"].values()
     return scores
 
@@ -176,6 +185,10 @@ def curves(work: Path, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def _task(figures: dict, metric: str) -> str:
+    return f"{figures[metric]:.3f} ± {figures[metric + '_stderr']:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="runs/real_model")
@@ -193,33 +206,40 @@ def main() -> None:
     parser.add_argument("--gbs", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--eval-docs", type=int, default=60)
+    parser.add_argument("--task-limit", type=int, default=300, help="items per benchmark task (0: all)")
     parser.add_argument("--variants", action="store_true", help="also the vocab-LR and LoRA stage-2 runs")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     prepare(work, args)
 
-    results = {"base SmolLM2-135M": evaluate(work / "base", work, "base", args.eval_docs)}
+    results = {"base SmolLM2-135M": evaluate(work / "base", work, "base", args.eval_docs, args.task_limit)}
     for init in INITS:
         results[f"resized, {init}"] = evaluate(export(work, work / f"start-{init}", f"start-{init}"), work,
-                                               f"start-{init}", args.eval_docs)
+                                               f"start-{init}", args.eval_docs, args.task_limit)
     train(work, 1, args, work / "start-subword-mean")
-    results["after stage 1"] = evaluate(export(work, work / "stage1", "stage1"), work, "stage1", args.eval_docs)
+    results["after stage 1"] = evaluate(export(work, work / "stage1", "stage1"), work, "stage1", args.eval_docs,
+                                        args.task_limit)
     labels = {"stage2": "after stage 2", "stage2-vocab-lr": "after stage 2, vocab_lr 3e-3 (10×)",
               "stage2-lora": "after stage 2 as LoRA r64 + new rows"}
     for name, changes in STAGE2_VARIANTS.items():
         if name != "stage2" and not args.variants:
             continue
         train(work, 2, args, work / "stage1", name, changes)
-        results[labels[name]] = evaluate(export(work, work / name, name), work, name, args.eval_docs)
+        results[labels[name]] = evaluate(export(work, work / name, name), work, name, args.eval_docs, args.task_limit)
 
     base = results["base SmolLM2-135M"]
-    lines = ["| model | vi bits/byte | en bits/byte | vi vs base | en vs base | vi tokens/word | en tokens/word |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | vi bits/byte | en bits/byte | vi vs base | en vs base | vi UDHR | en UDHR | en UDHR vs base "
+             "| arc_vi acc_norm | mmlu_vi acc | truthfulqa_vi mc2 | vi tokens/word | en tokens/word |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['vi']['bits_per_byte']:.3f} | {r['en']['bits_per_byte']:.3f} | "
                      f"{r['vi']['bits_per_byte'] / base['vi']['bits_per_byte'] - 1:+.1%} | "
                      f"{r['en']['bits_per_byte'] / base['en']['bits_per_byte'] - 1:+.1%} | "
+                     f"{r['vi_udhr']['bits_per_byte']:.3f} | {r['en_udhr']['bits_per_byte']:.3f} | "
+                     f"{r['en_udhr']['bits_per_byte'] / base['en_udhr']['bits_per_byte'] - 1:+.1%} | "
+                     f"{_task(r['arc_vi'], 'acc_norm')} | {_task(r['mmlu_vi'], 'acc')} | "
+                     f"{_task(r['truthfulqa_vi'], 'mc2')} | "
                      f"{r['vi']['tokens_per_word']:.2f} | {r['en']['tokens_per_word']:.2f} |")
     (work / "results.md").write_text("\n".join(lines) + "\n")
     (work / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

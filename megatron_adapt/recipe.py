@@ -121,10 +121,13 @@ def export_step(title: str, checkpoint: str, out: str, dtype: str, *options: str
                      *options), out)
 
 
-def evaluate_step(models: list[str], data: tuple[str, ...], out: str, max_docs: int | None = None) -> Step:
+def evaluate_step(models: list[str], data: tuple[str, ...], out: str, max_docs: int | None = None,
+                  tasks: tuple[str, ...] = ()) -> Step:
+    """``tasks``: evaluate.py's task arguments (``--tasks``, ``--task-data``, ``--limit``), if any."""
     args = [a for m in models for a in ("--model", m)] + [a for d in data for a in ("--data", d)]
     return Step("bits per byte per language, models side by side",
-                tool("evaluate", *args, *(("--max-docs", str(max_docs)) if max_docs else ()), "--output", out), out)
+                tool("evaluate", *args, *(("--max-docs", str(max_docs)) if max_docs else ()), *tasks,
+                     "--output", out), out)
 
 
 def recipe_steps(inputs: RecipeInputs) -> list[Step]:
