@@ -65,18 +65,22 @@ def smollm2_hf(tmp_path_factory) -> Path:
     return gguf_to_hf(SMOLLM2_GGUF, tmp_path_factory.mktemp("smollm2") / "hf")
 
 
-@pytest.fixture(scope="session")
-def smollm2_vi(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """SmolLM2's tokenizer extended with Vietnamese (16000 tokens, viwiki, English protected)."""
+def extended_with_vietnamese(base: Path, out: Path, pieces: int) -> Path:
+    """``base`` extended with Vietnamese by the tool (viwiki, English protected) into ``out``."""
     from tests.shared_data import GUTENBERG, VIWIKI, require
     from tools.extend_tokenizer import main as extend
 
     require(VIWIKI, GUTENBERG)
-    out = tmp_path_factory.mktemp("smollm2") / "vi"
-    assert extend(["--base-model", str(smollm2_tokenizer), "--corpus", str(VIWIKI), "--english", str(GUTENBERG),
-                   "--num-new-tokens", "16000", "--lang", "vi", "--output-dir", str(out)]) == 0, \
-        "extending SmolLM2's tokenizer failed"
+    assert extend(["--base-model", str(base), "--corpus", str(VIWIKI), "--english", str(GUTENBERG),
+                   "--num-new-tokens", str(pieces), "--lang", "vi", "--output-dir", str(out)]) == 0, \
+        f"extending {base} failed"
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_vi(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """SmolLM2's tokenizer extended with 16000 Vietnamese pieces."""
+    return extended_with_vietnamese(smollm2_tokenizer, tmp_path_factory.mktemp("smollm2") / "vi", 16000)
 
 
 @pytest.fixture(scope="session")
@@ -101,16 +105,8 @@ def qwen_tokenizer(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen_vi(tmp_path_factory, qwen_tokenizer) -> Path:
-    """Qwen's tokenizer extended with 2000 Vietnamese pieces (viwiki, English protected)."""
-    from tests.shared_data import GUTENBERG, VIWIKI, require
-    from tools.extend_tokenizer import main as extend
-
-    require(VIWIKI, GUTENBERG)
-    out = tmp_path_factory.mktemp("qwen") / "vi"
-    assert extend(["--base-model", str(qwen_tokenizer), "--corpus", str(VIWIKI), "--english", str(GUTENBERG),
-                   "--num-new-tokens", "2000", "--lang", "vi", "--output-dir", str(out)]) == 0, \
-        "extending Qwen's tokenizer failed"
-    return out
+    """Qwen's tokenizer extended with 2000 Vietnamese pieces."""
+    return extended_with_vietnamese(qwen_tokenizer, tmp_path_factory.mktemp("qwen") / "vi", 2000)
 
 
 def tied_copy(hf_dir: Path, out: Path, lm_head: str = "drop") -> Path:
