@@ -259,7 +259,7 @@ def test_base_tokenizer_of_another_model_is_refused(recipe, smollm2_tokenizer, s
 
 def test_qwen_padding_rows_are_dropped_and_added_rows_follow_the_tokenizer(qwen_tokenizer, qwen_vi, tmp_path):
     """A Qwen2 checkpoint with Qwen's 151936 rows for its tokenizer's fewer ids (padding no token
-    reaches), its real tokenizer extended with Vietnamese: exported, it has the extended tokenizer's
+    reaches), its real tokenizer extended with about 2000 Vietnamese pieces: exported, it has the extended tokenizer's
     rows — the base ids' rows unchanged, the padding gone, each added row the mean of its base
     pieces' rows — and HF gives the base model's logits for every base id."""
     import transformers
@@ -269,7 +269,8 @@ def test_qwen_padding_rows_are_dropped_and_added_rows_follow_the_tokenizer(qwen_
     base_tok, new_tok = load_tokenizer(qwen_tokenizer), load_tokenizer(qwen_vi)
     base_vocab = base_tok.vocab_size
     report = json.loads((qwen_vi / "report.json").read_text())
-    assert new_tok.vocab_size == base_vocab + 2000 and report["unreachable_added"] == 0, report
+    assert new_tok.vocab_size == base_vocab + report["added"] > base_vocab + 1900, report
+    assert report["unreachable_added"] == 0, report
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
