@@ -116,6 +116,12 @@ def test_chinese_through_the_same_tool(smollm2_tokenizer, tmp_path):
     assert report["unreachable_added"] == 0 and report["added"] > 1000
     zh = report["fertility"]["zh"]
     assert zh["chars_per_token_extended"] >= 1.5 * zh["chars_per_token_base"], zh
+    from tests.tokenizer.test_script_budget import foreign_letters
+
+    spec = json.loads((out / "tokenizer.json").read_text())
+    added = [byte_level_bpe.token_text(a + b) for a, b in byte_level_bpe.merge_pairs(spec)[-report["added"]:]]
+    foreign = [t for t in added if foreign_letters(t.replace("\ufffd", ""), "CJK")]
+    assert len(foreign) <= 0.01 * len(added), f"{len(foreign)} of {len(added)} pieces hold non-Han letters: {foreign[:20]}"
 
 
 def _write_other_model(tmp_path, model) -> str:
