@@ -15,7 +15,8 @@ whole, the prompt's tokens taken off the front; no BOS). Metrics:
 
 An item whose gold text also appears as a wrong choice (three in mmlu_vi's validation split) has
 no right answer: it is left out and counted in ``dropped``. Each standard error is the sample one
-over items. The choices of one item go through the model as one padded batch.
+over items. The prompt of an item goes through the model once; its choices then run as one
+padded batch on its key/value cache.
 """
 
 from __future__ import annotations
@@ -119,40 +120,61 @@ def fewshot_prefix(item: Item, pool: list[Item], k: int) -> str:
 
 def _pair_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's ``_encode_pair``: trailing spaces of the context move to the continuation; the
-    whole is encoded and the context's tokens are taken off its front."""
+    continuation's tokens are those of the whole past the context's own token count."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return whole[:len(context_ids)], whole[len(context_ids):]
+    return context_ids, whole[len(context_ids):]
 
 
 @torch.no_grad()
 def choice_logliks(model, tokenizer, context: str, choices: list[str], max_length: int) -> list[float]:
-    """log p(" " + choice | context) for every choice, in one padded forward pass."""
-    rows, spans = [], []
-    for choice in choices:
-        context_ids, continuation = _pair_tokens(tokenizer, context, " " + choice)
+    """log p(" " + choice | context) for every choice: the prompt's forward pass once, its
+    key/value cache repeated for the choices, their continuations as one padded batch."""
+    pairs = [_pair_tokens(tokenizer, context, " " + choice) for choice in choices]
+    for choice, (_, continuation) in zip(choices, pairs):
         if not continuation:
             raise TaskDataError(f"choice {choice!r} encodes to no tokens after its prompt")
-        ids = (context_ids + continuation)[-(max_length + 1):]  # keep the continuation, cut the prompt's front
-        rows.append(ids)
-        spans.append(len(continuation))
-    width = max(len(r) for r in rows) - 1
+    prompt = pairs[0][0]  # the same for every choice: the context alone, encoded
+    if len(prompt) < 2 or len(prompt) + max(len(c) for _, c in pairs) > max_length + 1:
+        return _logliks_whole(model, tokenizer, [p + c for p, c in pairs], [len(c) for _, c in pairs], max_length)
+    device = model.device
+    shared = model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True)
+    cache = shared.past_key_values
+    cache.batch_repeat_interleave(len(choices))
+    # each row: the prompt's last token, then the continuation but its last token
+    rows = [[prompt[-1], *continuation[:-1]] for _, continuation in pairs]
+    inputs, mask = _right_padded(rows, tokenizer)
+    mask = torch.cat([torch.ones((len(rows), len(prompt) - 1), dtype=torch.long), mask], dim=1)
+    logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device), past_key_values=cache).logits
+    log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+    return [log_probs[i, torch.arange(len(c)), torch.tensor(c)].sum().item() for i, (_, c) in enumerate(pairs)]
+
+
+def _right_padded(rows: list[list[int]], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(r) for r in rows)
     inputs = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, ids in enumerate(rows):
-        inputs[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-        mask[i, :len(ids) - 1] = 1
+        inputs[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+    return inputs, mask
+
+
+def _logliks_whole(model, tokenizer, sequences: list[list[int]], scored: list[int], max_length: int) -> list[float]:
+    """The same without a shared prompt (one-token prompts, or sequences past ``max_length``,
+    whose prompt is cut at the front as lm-eval cuts it)."""
+    sequences = [ids[-(max_length + 1):] for ids in sequences]
+    inputs, mask = _right_padded([ids[:-1] for ids in sequences], tokenizer)
     logits = model(input_ids=inputs.to(model.device), attention_mask=mask.to(model.device)).logits.float()
     log_probs = torch.log_softmax(logits, dim=-1).cpu()
     out = []
-    for i, (ids, n) in enumerate(zip(rows, spans)):
-        targets = torch.tensor(ids[-n:])
+    for i, (ids, n) in enumerate(zip(sequences, scored)):
         positions = torch.arange(len(ids) - 1 - n, len(ids) - 1)
-        out.append(log_probs[i, positions, targets].sum().item())
+        out.append(log_probs[i, positions, torch.tensor(ids[-n:])].sum().item())
     return out
 
 

@@ -43,9 +43,13 @@ def tiny(smollm2_tokenizer, tmp_path_factory):
     return model, tokenizer, directory
 
 
-def test_choice_logliks_equal_a_plain_forward(tiny):
+@pytest.mark.parametrize("context", ["Question: Thủ đô của Việt Nam là gì?\nAnswer:", "Q"],
+                         ids=["shared-prompt-cache", "one-token-prompt"])
+def test_choice_logliks_equal_a_plain_forward(tiny, context):
+    """The prompt's cache shared by the choices (and, for a one-token prompt, whole rows) gives a
+    plain forward's log-likelihoods."""
     model, tokenizer, _ = tiny
-    context, choices = "Question: Thủ đô của Việt Nam là gì?\nAnswer:", ["Hà Nội", "Thành phố Hồ Chí Minh", "Huế"]
+    choices = ["Hà Nội", "Thành phố Hồ Chí Minh", "Huế"]
     batched = choice_logliks(model, tokenizer, context, choices, max_length=1024)
     for choice, got in zip(choices, batched):
         context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
