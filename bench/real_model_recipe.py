@@ -207,7 +207,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--eval-docs", type=int, default=60)
     parser.add_argument("--task-limit", type=int, default=300, help="items per benchmark task (0: all)")
-    parser.add_argument("--variants", action="store_true", help="also the vocab-LR and LoRA stage-2 runs")
+    parser.add_argument("--variants", nargs="*", choices=[v for v in STAGE2_VARIANTS if v != "stage2"],
+                        help="also these stage-2 runs (no names: all of them)")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,7 @@ def main() -> None:
     labels = {"stage2": "after stage 2", "stage2-vocab-lr": "after stage 2, vocab_lr 3e-3 (10×)",
               "stage2-lora": "after stage 2 as LoRA r64 + new rows"}
     for name, changes in STAGE2_VARIANTS.items():
-        if name != "stage2" and not args.variants:
+        if name != "stage2" and (args.variants is None or args.variants and name not in args.variants):
             continue
         train(work, 2, args, work / "stage1", name, changes)
         results[labels[name]] = evaluate(export(work, work / name, name), work, name, args.eval_docs, args.task_limit)
