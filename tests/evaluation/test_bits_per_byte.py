@@ -121,7 +121,7 @@ def test_tool_table_json_and_bad_input(tokenizers, tmp_path, capsys):
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    for argv, needle in ((["--model", str(tmp_path / "nope"), "--data", f"vi={vi}"], "nope: cannot load"),
+    for argv, needle in ((["--model", str(tmp_path / "nope"), "--data", f"vi={vi}"], "nope: no such model directory"),
                          (["--model", a, "--data", f"vi={empty}"], "empty.txt: no text to score"),
                          (["--model", a, "--data", f"vi={tmp_path / 'missing.txt'}"], "missing.txt: no such data file")):
         assert main([*argv, "--output", str(tmp_path / "bad.json")]) == 2
