@@ -241,7 +241,8 @@ def _learn_byte_level_bpe(config: ExtendConfig, lang, train: list[str], english:
     def build(learned: list[str]) -> _Extended:
         reachable, dropped = _remove_unreachable(learned, merges, unreachable_of)
         pieces = byte_level_bpe.without_idle_stepping_stones(reachable, merges)
-        dropped += [p for p in reachable if p not in set(pieces)]
+        kept = set(pieces)
+        dropped += [p for p in reachable if p not in kept]
         spec = byte_level_bpe.extended_spec(base_spec, [merges[p] for p in pieces])
         extended = Tokenizer.from_str(json.dumps(spec))
 
